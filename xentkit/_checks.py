@@ -1,0 +1,220 @@
+"""Input validation: every bad input gets a clear error, never a silently wrong number.
+
+Each check raises the exception type PyTorch raises for the same mistake (``ValueError``,
+``RuntimeError``, ``IndexError``, ``TypeError``) with a message that names the argument, says
+what was expected and what was given, and suggests the likely fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from xentkit.reference import REDUCTIONS
+
+
+class InputDtypeError(NotImplementedError, TypeError):
+    """A non-floating ``input``. PyTorch raises ``NotImplementedError`` from its kernels for
+    this; it is also a ``TypeError``, which is what it is."""
+
+
+def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """Map the deprecated ``size_average``/``reduce`` pair to a reduction, as PyTorch does."""
+    if size_average is None and reduce is None:
+        return reduction
+    warnings.warn(
+        "size_average and reduce are deprecated; use reduction='mean'|'sum'|'none' instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if not reduce:
+        return "none"
+    return "mean" if size_average else "sum"
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"{reduction} is not a valid value for reduction: expected one of "
+            f"{', '.join(repr(r) for r in REDUCTIONS)}, got {reduction!r}."
+        )
+
+
+def check_floating_input(input: Tensor, name: str = "input") -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}.")
+    if not input.is_floating_point():
+        raise InputDtypeError(
+            f"{name} must be a floating-point tensor (logits or probabilities), got dtype "
+            f"{input.dtype}; convert it first, e.g. {name}.float()."
+        )
+
+
+def check_options(label_smoothing: float = 0.0, z_loss: float = 0.0, softcap=None) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(
+            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}; "
+            "0.1 is a common choice, 0.0 turns smoothing off."
+        )
+    if not z_loss >= 0.0:
+        raise ValueError(
+            f"z_loss must be >= 0 (the weight of the logsumexp**2 penalty), got {z_loss}; "
+            "1e-4 is the PaLM value, 0.0 turns it off."
+        )
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(
+            f"softcap must be a positive float (logits become softcap * tanh(logits / softcap)) "
+            f"or None, got {softcap}; Gemma 2 uses 30.0."
+        )
+
+
+def class_dim(input: Tensor) -> int:
+    """The class dimension of an ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` input."""
+    if input.dim() == 0:
+        raise ValueError(
+            "input must have a class dimension: expected shape (C), (N, C) or (N, C, d1, ...), "
+            "got a 0-dimensional tensor; for a single binary prediction use "
+            "binary_cross_entropy_with_logits."
+        )
+    return 0 if input.dim() == 1 else 1
+
+
+def check_index_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
+    """Shape, dtype and range of class-index targets for an input laid out as torch does."""
+    if target.dtype not in (torch.long, torch.uint8):
+        fix = (
+            "target.argmax(dim) turns one-hot rows into indices"
+            if target.is_floating_point()
+            else "target.long() converts it"
+        )
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {_dtype(target)}: class-index "
+            f"targets must be integers; {fix}. (Probability targets must have the input's "
+            f"shape {tuple(input.shape)}, got {tuple(target.shape)}.)"
+        )
+    cdim = class_dim(input)
+    expected = input.shape[:cdim] + input.shape[cdim + 1 :]
+    if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target.shape[0]}): target must have shape {tuple(expected)} for input of shape "
+            f"{tuple(input.shape)}."
+        )
+    if input.dim() <= 2 and target.dim() > 1:
+        raise RuntimeError(
+            f"0D or 1D target tensor expected, multi-target not supported: target has shape "
+            f"{tuple(target.shape)} but must have shape {tuple(expected)} for input of shape "
+            f"{tuple(input.shape)}; for multi-label targets use binary_cross_entropy_with_logits."
+        )
+    if target.shape != expected:
+        raise RuntimeError(
+            f"Expected target size {list(expected)}, got {list(target.shape)}: for input "
+            f"(N, C, d1, ...) = {tuple(input.shape)} the target is (N, d1, ...); if the classes "
+            "are the last dimension, move them with input.movedim(-1, 1)."
+        )
+    num_classes = input.shape[cdim]
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if target.numel() and bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise IndexError(
+            f"Target {value} is out of bounds: target values must lie in [0, {num_classes}) "
+            f"(the number of classes, input.shape[{cdim}]) or equal ignore_index={ignore_index}; "
+            "labels that start at 1 need target - 1."
+        )
+
+
+def check_probability_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got "
+            f"{_dtype(target)}: a target of the input's shape {tuple(input.shape)} is read as "
+            "class probabilities; for class indices give it the input's shape without the "
+            "class dimension."
+        )
+    if ignore_index >= 0:
+        raise RuntimeError(
+            f"ignore_index is not supported for floating point target (got ignore_index="
+            f"{ignore_index}): with probability targets, give a row weight of 0 by zeroing its "
+            "target row instead, or use class-index targets."
+        )
+
+
+def check_class_weight(weight: Tensor | None, input: Tensor, name: str = "weight") -> None:
+    if weight is None:
+        return
+    num_classes = input.shape[class_dim(input)]
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise RuntimeError(
+            f"{name} tensor should be defined either for all {num_classes} classes or no "
+            f"classes but got {name} tensor of shape: {list(weight.shape)}; pass a 1-D tensor "
+            f"of length {num_classes} or None."
+        )
+    if weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"expected scalar type {_dtype(input)} but found {_dtype(weight)} for {name}: "
+            f"pass {name}.to(input.dtype)."
+        )
+
+
+def check_same_shape(input: Tensor, target: Tensor, function: str) -> None:
+    if target.shape != input.shape:
+        raise ValueError(
+            f"Target size ({target.shape}) must be the same as input size ({input.shape}) in "
+            f"{function}: one target per prediction; reshape the target (no broadcasting)."
+        )
+
+
+def check_broadcastable(t: Tensor | None, input: Tensor, name: str) -> None:
+    if t is None:
+        return
+    try:
+        shape = torch.broadcast_shapes(t.shape, input.shape)
+    except RuntimeError:
+        shape = None
+    if shape != input.shape:
+        raise RuntimeError(
+            f"{name} of shape {tuple(t.shape)} must broadcast to the input's shape "
+            f"{tuple(input.shape)}; {name} of the classes (last dimension) has shape "
+            f"({input.shape[-1] if input.dim() else 1},)."
+        )
+
+
+def check_unit_interval(t: Tensor, name: str) -> None:
+    bad = (t < 0) | (t > 1) | torch.isnan(t)
+    if t.numel() and bool(bad.any()):
+        value = float(t.detach()[bad].flatten()[0])
+        raise RuntimeError(
+            f"all elements of {name} should be between 0 and 1, found {value}: binary_cross_"
+            "entropy takes probabilities; for logits use binary_cross_entropy_with_logits."
+        )
+
+
+def _dtype(t: Tensor) -> str:
+    """PyTorch's short dtype name, e.g. ``Float`` or ``Long``, as in its own messages."""
+    names = {
+        torch.float32: "Float",
+        torch.float64: "Double",
+        torch.float16: "Half",
+        torch.bfloat16: "BFloat16",
+        torch.int64: "Long",
+        torch.int32: "Int",
+        torch.int16: "Short",
+        torch.int8: "Char",
+        torch.uint8: "Byte",
+        torch.bool: "Bool",
+    }
+    return names.get(t.dtype, str(t.dtype))
+
+
+def check_target_dtype(input: Tensor, target: Tensor, function: str, exact: bool) -> None:
+    """Binary targets are floating point; ``binary_cross_entropy`` also wants the input's dtype."""
+    if not target.is_floating_point() or (exact and target.dtype != input.dtype):
+        want = _dtype(input) if exact else "a floating dtype"
+        raise RuntimeError(
+            f"Found dtype {_dtype(target)} but expected {want} for target in {function}: "
+            f"targets are probabilities in [0, 1]; pass target.to(input.dtype)."
+        )

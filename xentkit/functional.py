@@ -1,0 +1,333 @@
+"""Drop-in replacements for ``torch.nn.functional``'s cross-entropy family.
+
+Every call valid for the PyTorch function of the same name is valid here, gives the same
+values and gradients (within float rounding) and raises the same kind of exception for bad
+input. Each function validates (:mod:`xentkit._checks`), lays the input out as rows
+(:mod:`xentkit._layout`), picks a backend (:func:`resolve_backend`) and calls it.
+
+Keyword-only extensions, after PyTorch's arguments, whose defaults keep PyTorch's behaviour:
+``z_loss`` (PaLM's ``z_loss * logsumexp**2`` per counted position), ``softcap`` (Gemma 2's
+``softcap * tanh(logits / softcap)`` applied first), ``backend`` (``"reference"``,
+``"chunked"`` or ``"triton"``; chosen by device when None) and ``inplace_backward``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xentkit import _checks, reference
+from xentkit._layout import to_rows
+
+BACKENDS = ("reference", "chunked", "triton")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend to run: ``backend`` when given, else the fastest exact one for ``device``."""
+    if backend is None:
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
+    return backend
+
+
+def _softmax_dim(name: str, ndim: int) -> int:
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. "
+        "Change the call to include dim=X as an argument.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _normalize(fn, input: Tensor, dim: int | None, dtype: torch.dtype | None, name: str) -> Tensor:
+    if dtype is not None:
+        input = input.to(dtype)
+    _checks.check_floating_input(input)
+    if dim is None:
+        dim = _softmax_dim(name, input.dim())
+    if input.dim() == 0:
+        return fn(input.unsqueeze(0).to(reference.accumulation_dtype(input.dtype)), 0)[0].to(
+            input.dtype
+        )
+    return fn(input.to(reference.accumulation_dtype(input.dtype)), dim).to(input.dtype)
+
+
+def softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    r"""Softmax along ``dim``: :math:`e^{x_i - m} / \sum_j e^{x_j - m}` with :math:`m = \max_j x_j`.
+
+    Computed in float32 for half/bfloat16 input (float64 for float64); ``dtype`` casts the input
+    first, as in PyTorch.
+
+    Example:
+        >>> import torch, xentkit
+        >>> xentkit.softmax(torch.tensor([1.0, 0.5, 2.0]), dim=0)
+        tensor([0.2312, 0.1402, 0.6285])
+
+    See also :func:`log_softmax`.
+    """
+    return _normalize(reference.softmax, input, dim, dtype, "softmax")
+
+
+def log_softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    r"""Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}`.
+
+    Example:
+        >>> import torch, xentkit
+        >>> xentkit.log_softmax(torch.tensor([1.0, 0.5, 2.0]), dim=0)
+        tensor([-1.4644, -1.9644, -0.4644])
+
+    See also :func:`softmax`, :func:`nll_loss`.
+    """
+    return _normalize(reference.log_softmax, input, dim, dtype, "log_softmax")
+
+
+def _finish(loss: Tensor, reduction: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Per-position losses back to the target's shape; the result in the input's dtype."""
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    return loss.to(dtype)
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of class indices, given log-probabilities.
+
+    .. math:: \ell_n = -w_{y_n}\, x_{n, y_n}, \qquad
+              \text{mean} = \sum_n \ell_n \Big/ \sum_{n:\, y_n \ne \text{ignore\_index}} w_{y_n}
+
+    Args:
+        input: log-probabilities ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
+        target: class indices ``()``, ``(N)`` or ``(N, d1, ..., dk)`` (Long or Byte).
+        weight: optional ``(C,)`` class weights.
+    Returns:
+        the target's shape for ``reduction="none"``, else a scalar.
+
+    Example:
+        >>> import torch, xentkit
+        >>> logp = torch.tensor([[-1.4644, -1.9644, -0.4644], [-2.6967, -0.1967, -2.1967]])
+        >>> xentkit.nll_loss(logp, torch.tensor([2, 1]))
+        tensor(0.3306)
+
+    See also :func:`cross_entropy` (which applies :func:`log_softmax` first).
+    """
+    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    _checks.check_reduction(reduction)
+    _checks.check_floating_input(input)
+    _checks.check_index_target(input, target, ignore_index)
+    _checks.check_class_weight(weight, input)
+    rows = to_rows(input, target.long(), _checks.class_dim(input))
+    acc = reference.accumulation_dtype(input.dtype)
+    loss = reference.nll_loss(rows.input.to(acc), rows.target, weight, ignore_index, reduction)
+    return _finish(loss, reduction, rows.shape, input.dtype)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    r"""Cross entropy between logits and class-index or class-probability targets.
+
+    .. math:: \ell_n = -\sum_c w_c\, y_{n,c} \log \frac{e^{x_{n,c}}}{\sum_j e^{x_{n,j}}}
+
+    Index targets (``y`` one-hot at :math:`t_n`) with label smoothing :math:`\varepsilon` use
+    :math:`(1-\varepsilon)\,\ell_n + \varepsilon\,(-\tfrac1C\sum_c w_c \log p_{n,c})`; the mean
+    divides by :math:`\sum_n w_{t_n}` over targets that are not ``ignore_index``. Probability
+    targets (a floating target of the input's shape) are smoothed to
+    :math:`(1-\varepsilon) y + \varepsilon / C` and the mean divides by the number of positions.
+
+    Args:
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
+        target: class indices of the input's shape without the class dimension (Long or Byte),
+            or class probabilities of the input's shape.
+        weight: optional ``(C,)`` class weights.
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` per counted position (its mean is over
+            counted positions, unweighted).
+        softcap: replaces the logits by ``softcap * tanh(logits / softcap)`` first.
+        backend: ``"reference"``, ``"chunked"`` or ``"triton"``; None picks by device.
+        inplace_backward: lets a fused backend write the gradient into ``input``'s storage
+            (its values are destroyed); ignored by the reference backend.
+    Returns:
+        the target's shape (index) or the input's shape without classes (probabilities) for
+        ``reduction="none"``, else a scalar; in the input's dtype.
+
+    Example:
+        >>> import torch, xentkit
+        >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> xentkit.cross_entropy(logits, torch.tensor([2, 1]))
+        tensor(0.3306)
+
+    See also :func:`nll_loss`, :func:`linear_cross_entropy`, :func:`xentkit.explain`.
+    """
+    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    _checks.check_reduction(reduction)
+    _checks.check_floating_input(input)
+    cdim = _checks.class_dim(input)
+    _checks.check_options(label_smoothing, z_loss, softcap)
+    if target.shape == input.shape:
+        _checks.check_probability_target(input, target, ignore_index)
+    else:
+        _checks.check_index_target(input, target, ignore_index)
+        target = target.long()
+    _checks.check_class_weight(weight, input)
+    rows = to_rows(input, target, cdim)
+    resolve_backend(backend, input.device)
+    loss = reference.cross_entropy(
+        rows.input, rows.target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+    )
+    return _finish(loss, reduction, rows.shape, input.dtype)
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Binary cross entropy between probabilities and targets in [0, 1].
+
+    .. math:: \ell = -w\,[\,y \log p + (1 - y) \log(1 - p)\,]
+
+    each log floored at -100 as in PyTorch; the mean is over all elements.
+
+    Example:
+        >>> import torch, xentkit
+        >>> xentkit.binary_cross_entropy(torch.tensor([0.9, 0.2]), torch.tensor([1.0, 0.0]))
+        tensor(0.1643)
+
+    See also :func:`binary_cross_entropy_with_logits`, the stable choice for logits.
+    """
+    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    _checks.check_reduction(reduction)
+    _checks.check_floating_input(input)
+    _checks.check_same_shape(input, target, "binary_cross_entropy")
+    _checks.check_target_dtype(input, target, "binary_cross_entropy", exact=True)
+    _checks.check_broadcastable(weight, input, "weight")
+    _checks.check_unit_interval(input, "input")
+    _checks.check_unit_interval(target, "target")
+    loss = reference.binary_cross_entropy(input, target, weight, reduction)
+    return loss.to(input.dtype)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    r"""Binary cross entropy on logits, stable for any logit; multi-label with ``pos_weight``.
+
+    .. math:: \ell = -w\,[\,p_w\, y \log \sigma(x) + (1 - y) \log(1 - \sigma(x))\,]
+
+    computed as :math:`(1 - y)\,x + (1 + (p_w - 1)\,y)(\log(1 + e^{-|x|}) + \max(-x, 0))`;
+    ``pos_weight`` broadcasts against the last (class) dimension; the mean is over all elements.
+
+    Example:
+        >>> import torch, xentkit
+        >>> xentkit.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0]))
+        tensor(0.2201)
+
+    See also :func:`binary_cross_entropy`.
+    """
+    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    _checks.check_reduction(reduction)
+    _checks.check_floating_input(input)
+    _checks.check_same_shape(input, target, "binary_cross_entropy_with_logits")
+    _checks.check_target_dtype(input, target, "binary_cross_entropy_with_logits", exact=False)
+    _checks.check_broadcastable(weight, input, "weight")
+    _checks.check_broadcastable(pos_weight, input, "pos_weight")
+    loss = reference.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
+    return loss.to(input.dtype)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str | None = None,
+) -> Tensor:
+    r"""The LM head and the loss in one op: ``cross_entropy(input @ weight.T + bias, target)``.
+
+    .. math:: \ell_n = -\log \mathrm{softmax}(W h_n + b)_{t_n}
+
+    Args:
+        input: hidden states ``(..., D)``.
+        weight: classifier ``(V, D)``, the layout of ``nn.Linear(D, V).weight``.
+        target: class indices ``(...)``.
+        bias: optional ``(V,)``.
+        class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`cross_entropy`.
+        chunk_size: tokens per chunk for the fused backends (chosen from V and D when None).
+        process_group: a ``torch.distributed`` group holding vocabulary shards of ``weight``.
+    Returns:
+        the target's shape for ``reduction="none"``, else a scalar.
+
+    Example:
+        >>> import torch, xentkit
+        >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
+        >>> xentkit.linear_cross_entropy(h, w, torch.tensor([2, 1]))
+        tensor(0.3306)
+
+    See also :func:`cross_entropy`, :class:`xentkit.nn.LinearCrossEntropyLoss`.
+    """
+    _checks.check_floating_input(input)
+    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input (..., D) and weight (V, D) must share D: got input {tuple(input.shape)} and "
+            f"weight {tuple(weight.shape)}; weight is laid out as nn.Linear(D, V).weight."
+        )
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"target must have input's shape without D, {tuple(input.shape[:-1])}, got "
+            f"{tuple(target.shape)}."
+        )
+    logits = F.linear(input.reshape(-1, input.shape[-1]), weight, bias)
+    loss = cross_entropy(
+        logits,
+        target.reshape(-1),
+        class_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        backend=backend,
+    )
+    return loss.reshape(target.shape) if reduction == "none" else loss

@@ -1,0 +1,313 @@
+"""Reference maths for the cross-entropy family: the spec every fast path is tested against.
+
+Everything here is written from the formulas with elementwise torch ops (``exp``, ``log``,
+``sum``, ``gather``), never by calling the ``torch.nn.functional`` function it stands for.
+It is readable first and fast second, works in any floating dtype (float64 included) and is
+differentiable (twice) through autograd.
+
+Layout: the loss functions take *rows*: logits or log-probabilities of shape ``(M, C)`` with
+the classes last, index targets of shape ``(M,)`` and probability targets of shape ``(M, C)``.
+:mod:`xentkit._layout` turns PyTorch's ``(C)``, ``(N, C)`` and ``(N, C, d1, ..., dk)``
+layouts into rows and back.
+
+Each loss has a ``*_terms`` function returning every intermediate quantity per row
+(what :mod:`xentkit.explain` prints) and a reducing function built on it.
+
+Example:
+    >>> import torch
+    >>> from xentkit import reference as ref
+    >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+    >>> ref.cross_entropy(logits, torch.tensor([2, 1]))
+    tensor(0.3306)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+
+# torch clamps log(p) of binary_cross_entropy at -100 so a probability of exactly 0 or 1
+# gives a large finite loss instead of inf; the gradient uses the same floor as torch's.
+BCE_LOG_FLOOR = -100.0
+BCE_GRAD_EPS = 1e-12
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    r"""Stable :math:`\log \sum_j e^{x_j}` along ``dim``.
+
+    The row maximum :math:`m` is subtracted before exponentiating,
+    :math:`\mathrm{lse}(x) = m + \log \sum_j e^{x_j - m}`, so no term overflows; a row that is
+    all ``-inf`` gives ``-inf`` (its maximum is replaced by 0 to avoid ``-inf - -inf``).
+    """
+    m = x.amax(dim=dim, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    out = m + torch.log(torch.exp(x - m).sum(dim=dim, keepdim=True))
+    return out if keepdim else out.squeeze(dim)
+
+
+def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    r""":math:`\log \mathrm{softmax}(x)_i = (x_i - m) - \log \sum_j e^{x_j - m}`, with :math:`m = \max_j x_j`.
+
+    A row that is all ``-inf`` gives NaN, as PyTorch's does.
+    """
+    shifted = x - x.amax(dim=dim, keepdim=True).detach()
+    return shifted - torch.log(torch.exp(shifted).sum(dim=dim, keepdim=True))
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    r""":math:`\mathrm{softmax}(x)_i = e^{x_i - m} / \sum_j e^{x_j - m}`, with :math:`m = \max_j x_j`."""
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True).detach())
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def apply_softcap(x: Tensor, softcap: float | None) -> Tensor:
+    r"""Logit soft-capping (Gemma 2): :math:`c \tanh(x / c)`; identity when ``softcap`` is None."""
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def reduce(loss: Tensor, reduction: str, denominator: Tensor | float | None = None) -> Tensor:
+    """Apply a reduction: ``none`` keeps ``loss``; ``sum`` adds it up; ``mean`` divides the sum
+    by ``denominator`` (the number of elements when None)."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if denominator is None:
+        denominator = loss.numel()
+    return total / denominator
+
+
+class NLLTerms(NamedTuple):
+    """Per-row quantities of the negative log-likelihood with index targets."""
+
+    counted: Tensor  # (M,) bool: the target is not ignore_index
+    target_log_prob: Tensor  # (M,) log-probability picked at the target (0 where ignored)
+    target_weight: Tensor  # (M,) weight of the row's target class (0 where ignored)
+    loss: Tensor  # (M,) -weight * picked log-probability (0 where ignored)
+
+
+def nll_terms(
+    log_probs: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100
+) -> NLLTerms:
+    r"""Per-row :math:`\ell_i = -w_{t_i} \log p_{i, t_i}`, with :math:`\ell_i = 0` where
+    :math:`t_i` is ``ignore_index``."""
+    counted = target != ignore_index
+    safe_target = torch.where(counted, target, torch.zeros_like(target))
+    picked = log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(counted, picked, torch.zeros_like(picked))
+    if weight is None:
+        w = counted.to(log_probs.dtype)
+    else:
+        w = torch.where(counted, weight.to(log_probs.dtype)[safe_target], 0.0)
+    loss = torch.where(counted, -w * picked, torch.zeros_like(picked))
+    return NLLTerms(counted, picked, w, loss)
+
+
+def nll_loss(
+    log_probs: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of index targets.
+
+    .. math:: \ell_i = -w_{t_i} \log p_{i, t_i}, \qquad
+              \text{mean} = \sum_i \ell_i \Big/ \sum_{i:\, t_i \ne \text{ignore}} w_{t_i}
+
+    Args:
+        log_probs: ``(M, C)`` log-probabilities.
+        target: ``(M,)`` class indices in ``[0, C)`` or ``ignore_index``.
+        weight: optional ``(C,)`` class weights.
+    Returns:
+        ``(M,)`` for ``reduction="none"``, else a scalar (NaN for a mean over no counted row,
+        as in PyTorch).
+    """
+    terms = nll_terms(log_probs, target, weight, ignore_index)
+    return reduce(terms.loss, reduction, terms.target_weight.sum())
+
+
+class CrossEntropyTerms(NamedTuple):
+    """Per-row quantities of cross entropy; ``loss`` sums to the reduced value over
+    ``denominator`` (and ``z_denominator`` for the z-loss part) for ``reduction="mean"``."""
+
+    logits: Tensor  # (M, C) logits after soft-capping
+    lse: Tensor  # (M,) log-sum-exp of each row
+    log_probs: Tensor  # (M, C)
+    counted: Tensor  # (M,) bool
+    target_log_prob: Tensor  # (M,) index targets: picked log p; probability targets: sum y log p
+    target_weight: Tensor  # (M,) weight of the row in the mean's denominator
+    nll: Tensor  # (M,) the unsmoothed term
+    smooth: Tensor  # (M,) the uniform-target term (already divided by C)
+    ce: Tensor  # (M,) (1 - eps) * nll + eps * smooth
+    z: Tensor  # (M,) z_loss * lse**2 (0 where not counted)
+    loss: Tensor  # (M,) ce + z
+    denominator: Tensor  # scalar: divides the cross-entropy part for the mean
+    z_denominator: Tensor  # scalar: divides the z-loss part for the mean (number of counted rows)
+
+
+def cross_entropy_terms(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> CrossEntropyTerms:
+    r"""Every term of cross entropy, per row, for index targets ``(M,)`` or probability
+    targets ``(M, C)`` (a floating ``target`` of the logits' shape).
+
+    With :math:`x' = c \tanh(x / c)` when ``softcap`` is set, :math:`\log p = x' - \mathrm{lse}(x')`,
+    :math:`\varepsilon` = ``label_smoothing``, :math:`C` classes:
+
+    * index targets: :math:`\ell_i = (1-\varepsilon)(-w_{t_i} \log p_{i,t_i})
+      + \varepsilon \big(-\tfrac{1}{C}\sum_c w_c \log p_{i,c}\big) + z\,\mathrm{lse}_i^2`,
+      ignored rows are 0; the mean divides the first two terms by :math:`\sum_i w_{t_i}` over
+      counted rows (as PyTorch) and the z term by the number of counted rows;
+    * probability targets: :math:`y' = (1-\varepsilon) y + \varepsilon / C`,
+      :math:`\ell_i = -\sum_c w_c y'_{i,c} \log p_{i,c} + z\,\mathrm{lse}_i^2`; the mean divides
+      by the number of rows.
+    """
+    dtype = accumulation_dtype(logits.dtype)
+    x = apply_softcap(logits.to(dtype), softcap)
+    num_classes = x.shape[-1]
+    lse = logsumexp(x, dim=-1)
+    log_probs = x - lse.unsqueeze(-1)
+    w = None if weight is None else weight.to(dtype)
+    eps = label_smoothing
+
+    if target.is_floating_point():
+        y = target.to(dtype)
+        if eps > 0:
+            y = y * (1 - eps) + eps / num_classes
+        wy = y if w is None else y * w
+        nll = -(log_probs * wy).sum(-1)
+        smooth = torch.zeros_like(nll)
+        counted = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        picked = (log_probs * y).sum(-1)
+        target_weight = torch.ones_like(nll)
+        ce = nll
+    else:
+        terms = nll_terms(log_probs, target, w, ignore_index)
+        counted, picked, target_weight, nll = terms
+        lp = log_probs if w is None else log_probs * w
+        smooth = torch.where(counted, -lp.sum(-1) / num_classes, 0.0)
+        ce = (1 - eps) * nll + eps * smooth if eps > 0 else nll
+
+    z = torch.where(counted, z_loss * lse * lse, 0.0) if z_loss else torch.zeros_like(lse)
+    loss = ce + z if z_loss else ce
+    denominator = target_weight.sum()
+    z_denominator = counted.sum().to(dtype)
+    return CrossEntropyTerms(
+        x, lse, log_probs, counted, picked, target_weight, nll, smooth, ce, z, loss, denominator,
+        z_denominator,
+    )  # fmt: skip
+
+
+def reduce_cross_entropy(terms: CrossEntropyTerms, reduction: str) -> Tensor:
+    """Reduce :func:`cross_entropy_terms` as PyTorch does; the mean of the z-loss part is per
+    counted row, whatever the class weights."""
+    if reduction != "mean":
+        return reduce(terms.loss, reduction)
+    return terms.ce.sum() / terms.denominator + terms.z.sum() / terms.z_denominator
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    r"""Cross entropy of ``(M, C)`` logits with index or probability targets.
+
+    .. math:: \ell_i = -\sum_c w_c\, y_{i,c} \log \mathrm{softmax}(x_i)_c
+
+    See :func:`cross_entropy_terms` for every option. The result is in float32 (float64 for
+    float64 logits); the caller casts it back.
+    """
+    terms = cross_entropy_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    return reduce_cross_entropy(terms, reduction)
+
+
+class _ClampedLog(torch.autograd.Function):
+    """``max(log p, -100)`` with PyTorch's BCE gradient ``1 / max(p, 1e-12)``, finite at p = 0."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor) -> Tensor:
+        ctx.save_for_backward(p)
+        return torch.log(p).clamp_min(BCE_LOG_FLOOR)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (p,) = ctx.saved_tensors
+        return grad / p.clamp_min(BCE_GRAD_EPS)
+
+
+def binary_cross_entropy_terms(
+    probs: Tensor, target: Tensor, weight: Tensor | None = None
+) -> Tensor:
+    r"""Elementwise :math:`\ell = -w\,[\,y \log p + (1 - y) \log(1 - p)\,]`, each log floored
+    at -100 as in PyTorch."""
+    dtype = accumulation_dtype(probs.dtype)
+    p, y = probs.to(dtype), target.to(dtype)
+    loss = -(y * _ClampedLog.apply(p) + (1 - y) * _ClampedLog.apply(1 - p))
+    return loss if weight is None else loss * weight.to(dtype)
+
+
+def binary_cross_entropy(
+    probs: Tensor, target: Tensor, weight: Tensor | None = None, reduction: str = "mean"
+) -> Tensor:
+    r"""Binary cross entropy on probabilities, mean over all elements.
+
+    .. math:: \ell = -w\,[\,y \log p + (1 - y) \log(1 - p)\,]
+    """
+    return reduce(binary_cross_entropy_terms(probs, target, weight), reduction)
+
+
+def binary_cross_entropy_with_logits_terms(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    r"""Elementwise BCE on logits in the stable form.
+
+    .. math:: \ell = (1 - y)\,x + (1 + (p_w - 1)\,y)\,\big(\log(1 + e^{-|x|}) + \max(-x, 0)\big)
+
+    which is :math:`-[\,p_w y \log\sigma(x) + (1-y)\log(1-\sigma(x))\,]` without ever computing
+    :math:`e^{x}` for large :math:`x` (:math:`-\log\sigma(x) = \log(1+e^{-|x|}) + \max(-x, 0)`).
+    ``pos_weight`` broadcasts against the last (class) dimension.
+    """
+    dtype = accumulation_dtype(logits.dtype)
+    x, y = logits.to(dtype), target.to(dtype)
+    neg_log_sigmoid = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0)
+    scale = 1 if pos_weight is None else 1 + (pos_weight.to(dtype) - 1) * y
+    loss = (1 - y) * x + scale * neg_log_sigmoid
+    return loss if weight is None else loss * weight.to(dtype)
+
+
+def binary_cross_entropy_with_logits(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    """Binary cross entropy on logits (multi-label with ``pos_weight``); mean over all elements.
+    See :func:`binary_cross_entropy_with_logits_terms`."""
+    return reduce(binary_cross_entropy_with_logits_terms(logits, target, weight, pos_weight), reduction)
