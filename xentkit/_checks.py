@@ -75,7 +75,7 @@ def check_options(label_smoothing: float = 0.0, z_loss: float = 0.0, softcap=Non
 def class_dim(input: Tensor) -> int:
     """The class dimension of an ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` input."""
     if input.dim() == 0:
-        raise ValueError(
+        raise RuntimeError(
             "input must have a class dimension: expected shape (C), (N, C) or (N, C, d1, ...), "
             "got a 0-dimensional tensor; for a single binary prediction use "
             "binary_cross_entropy_with_logits."
@@ -98,6 +98,14 @@ def check_index_target(input: Tensor, target: Tensor, ignore_index: int) -> None
         )
     cdim = class_dim(input)
     expected = input.shape[:cdim] + input.shape[cdim + 1 :]
+    if input.dim() == 1 and target.dim() == 1:
+        if target.shape[0] != 1:
+            raise ValueError(
+                f"For 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]}: an unbatched input (C,) takes one class index; for a batch "
+                "pass input of shape (N, C)."
+            )
+        target = target.reshape(())
     if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
         raise ValueError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
@@ -116,14 +124,17 @@ def check_index_target(input: Tensor, target: Tensor, ignore_index: int) -> None
             f"(N, C, d1, ...) = {tuple(input.shape)} the target is (N, d1, ...); if the classes "
             "are the last dimension, move them with input.movedim(-1, 1)."
         )
-    num_classes = input.shape[cdim]
+    check_target_range(target, input.shape[cdim], ignore_index)
+
+
+def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if target.numel() and bool(bad.any()):
         value = int(target[bad].flatten()[0])
         raise IndexError(
             f"Target {value} is out of bounds: target values must lie in [0, {num_classes}) "
-            f"(the number of classes, input.shape[{cdim}]) or equal ignore_index={ignore_index}; "
-            "labels that start at 1 need target - 1."
+            f"(the number of classes) or equal ignore_index={ignore_index}; labels that start "
+            "at 1 need target - 1."
         )
 
 
@@ -143,20 +154,21 @@ def check_probability_target(input: Tensor, target: Tensor, ignore_index: int) -
         )
 
 
-def check_class_weight(weight: Tensor | None, input: Tensor, name: str = "weight") -> None:
+def check_class_weight(
+    weight: Tensor | None, num_classes: int, dtype: torch.dtype, name: str = "weight"
+) -> None:
     if weight is None:
         return
-    num_classes = input.shape[class_dim(input)]
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise RuntimeError(
             f"{name} tensor should be defined either for all {num_classes} classes or no "
             f"classes but got {name} tensor of shape: {list(weight.shape)}; pass a 1-D tensor "
             f"of length {num_classes} or None."
         )
-    if weight.dtype != input.dtype:
+    if weight.dtype != dtype:
         raise RuntimeError(
-            f"expected scalar type {_dtype(input)} but found {_dtype(weight)} for {name}: "
-            f"pass {name}.to(input.dtype)."
+            f"expected scalar type {_DTYPE_NAMES.get(dtype, dtype)} but found {_dtype(weight)} "
+            f"for {name}: pass {name}.to({dtype})."
         )
 
 
@@ -193,21 +205,23 @@ def check_unit_interval(t: Tensor, name: str) -> None:
         )
 
 
+_DTYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+
+
 def _dtype(t: Tensor) -> str:
     """PyTorch's short dtype name, e.g. ``Float`` or ``Long``, as in its own messages."""
-    names = {
-        torch.float32: "Float",
-        torch.float64: "Double",
-        torch.float16: "Half",
-        torch.bfloat16: "BFloat16",
-        torch.int64: "Long",
-        torch.int32: "Int",
-        torch.int16: "Short",
-        torch.int8: "Char",
-        torch.uint8: "Byte",
-        torch.bool: "Bool",
-    }
-    return names.get(t.dtype, str(t.dtype))
+    return _DTYPE_NAMES.get(t.dtype, str(t.dtype))
 
 
 def check_target_dtype(input: Tensor, target: Tensor, function: str, exact: bool) -> None:
@@ -217,4 +231,35 @@ def check_target_dtype(input: Tensor, target: Tensor, function: str, exact: bool
         raise RuntimeError(
             f"Found dtype {_dtype(target)} but expected {want} for target in {function}: "
             f"targets are probabilities in [0, 1]; pass target.to(input.dtype)."
+        )
+
+
+def check_linear(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None) -> None:
+    """Shapes and dtypes of ``linear_cross_entropy``'s hidden states, classifier and targets."""
+    check_floating_input(input)
+    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input (..., D) and weight (V, D) must share D: got input {tuple(input.shape)} and "
+            f"weight {tuple(weight.shape)}; weight is laid out as nn.Linear(D, V).weight "
+            "(pass lm_head.weight, not its transpose)."
+        )
+    if weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"weight dtype {_dtype(weight)} must match input dtype {_dtype(input)}: pass "
+            "weight.to(input.dtype) or run both under the same autocast."
+        )
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != input.dtype):
+        raise RuntimeError(
+            f"bias must have shape ({weight.shape[0]},) and dtype {_dtype(input)}, got shape "
+            f"{tuple(bias.shape)} and dtype {_dtype(bias)}."
+        )
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"Expected target of shape {tuple(input.shape[:-1])} (input's shape without D), got "
+            f"{tuple(target.shape)}."
+        )
+    if target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {_dtype(target)}: pass "
+            "target.long() (class indices)."
         )

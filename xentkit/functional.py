@@ -13,7 +13,9 @@ Keyword-only extensions, after PyTorch's arguments, whose defaults keep PyTorch'
 
 from __future__ import annotations
 
+import importlib
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +26,43 @@ from xentkit._layout import to_rows
 
 BACKENDS = ("reference", "chunked", "triton")
 
+# The backend each fused function runs when none is forced, by device type. The reference
+# backend is the exact maths of :mod:`xentkit.reference` in torch ops.
+DEFAULT_BACKENDS = {
+    ("cross_entropy", "cpu"): "reference",
+    ("cross_entropy", "cuda"): "reference",
+    ("linear_cross_entropy", "cpu"): "reference",
+    ("linear_cross_entropy", "cuda"): "reference",
+}
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend to run: ``backend`` when given, else the fastest exact one for ``device``."""
+# Where each fused backend lives; modules are imported on first use, so Triton never is on CPU.
+_KERNEL_MODULES = {
+    "chunked": {
+        "cross_entropy": "xentkit.kernels.chunked",
+        "linear_cross_entropy": "xentkit.kernels.linear_chunked",
+    },
+    "triton": {
+        "cross_entropy": "xentkit.kernels.triton",
+        "linear_cross_entropy": "xentkit.kernels.triton",
+    },
+}
+
+
+def resolve_backend(backend: str | None, function: str, device: torch.device) -> str:
+    """The backend to run: ``backend`` when given, else the default for ``device``."""
     if backend is None:
-        return "reference"
+        return DEFAULT_BACKENDS.get((function, device.type), "reference")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}."
+        )
     return backend
+
+
+def kernel(backend: str, function: str) -> Callable[..., Tensor]:
+    """The fused implementation of ``function`` in ``backend`` (not ``"reference"``)."""
+    module = importlib.import_module(_KERNEL_MODULES[backend][function])
+    return getattr(module, function)
 
 
 def _softmax_dim(name: str, ndim: int) -> int:
@@ -126,8 +157,9 @@ def nll_loss(
     _checks.check_reduction(reduction)
     _checks.check_floating_input(input)
     _checks.check_index_target(input, target, ignore_index)
-    _checks.check_class_weight(weight, input)
-    rows = to_rows(input, target.long(), _checks.class_dim(input))
+    cdim = _checks.class_dim(input)
+    _checks.check_class_weight(weight, input.shape[cdim], input.dtype)
+    rows = to_rows(input, target.long(), cdim)
     acc = reference.accumulation_dtype(input.dtype)
     loss = reference.nll_loss(rows.input.to(acc), rows.target, weight, ignore_index, reduction)
     return _finish(loss, reduction, rows.shape, input.dtype)
@@ -191,12 +223,14 @@ def cross_entropy(
     else:
         _checks.check_index_target(input, target, ignore_index)
         target = target.long()
-    _checks.check_class_weight(weight, input)
+    _checks.check_class_weight(weight, input.shape[cdim], input.dtype)
     rows = to_rows(input, target, cdim)
-    resolve_backend(backend, input.device)
-    loss = reference.cross_entropy(
-        rows.input, rows.target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
-    )
+    options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    name = resolve_backend(backend, "cross_entropy", input.device)
+    if name == "reference" or rows.target.is_floating_point():
+        loss = reference.cross_entropy(rows.input, rows.target, *options)
+    else:
+        loss = kernel(name, "cross_entropy")(rows.input, rows.target, *options, inplace_backward)
     return _finish(loss, reduction, rows.shape, input.dtype)
 
 
@@ -251,7 +285,8 @@ def binary_cross_entropy_with_logits(
 
     Example:
         >>> import torch, xentkit
-        >>> xentkit.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0]))
+        >>> logits, target = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+        >>> xentkit.binary_cross_entropy_with_logits(logits, target)
         tensor(0.2201)
 
     See also :func:`binary_cross_entropy`.
@@ -307,27 +342,24 @@ def linear_cross_entropy(
 
     See also :func:`cross_entropy`, :class:`xentkit.nn.LinearCrossEntropyLoss`.
     """
-    _checks.check_floating_input(input)
-    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"input (..., D) and weight (V, D) must share D: got input {tuple(input.shape)} and "
-            f"weight {tuple(weight.shape)}; weight is laid out as nn.Linear(D, V).weight."
+    _checks.check_reduction(reduction)
+    _checks.check_options(label_smoothing, z_loss, softcap)
+    _checks.check_linear(input, weight, target, bias)
+    hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
+    options = (class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if process_group is not None:
+        from xentkit import distributed
+
+        loss = distributed.linear_cross_entropy(
+            hidden, weight, labels, bias, *options, chunk_size, process_group=process_group
         )
-    if target.shape != input.shape[:-1]:
-        raise ValueError(
-            f"target must have input's shape without D, {tuple(input.shape[:-1])}, got "
-            f"{tuple(target.shape)}."
-        )
-    logits = F.linear(input.reshape(-1, input.shape[-1]), weight, bias)
-    loss = cross_entropy(
-        logits,
-        target.reshape(-1),
-        class_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        backend=backend,
-    )
-    return loss.reshape(target.shape) if reduction == "none" else loss
+        return _finish(loss, reduction, tuple(target.shape), input.dtype)
+    _checks.check_class_weight(class_weight, weight.shape[0], input.dtype, "class_weight")
+    _checks.check_target_range(labels, weight.shape[0], ignore_index)
+    name = resolve_backend(backend, "linear_cross_entropy", input.device)
+    if name == "reference":
+        loss = reference.cross_entropy(F.linear(hidden, weight, bias), labels, *options)
+    else:
+        fused = kernel(name, "linear_cross_entropy")
+        loss = fused(hidden, weight, labels, bias, *options, chunk_size)
+    return _finish(loss, reduction, tuple(target.shape), input.dtype)

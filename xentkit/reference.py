@@ -55,7 +55,7 @@ def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
 
 
 def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
-    r""":math:`\log \mathrm{softmax}(x)_i = (x_i - m) - \log \sum_j e^{x_j - m}`, with :math:`m = \max_j x_j`.
+    r"""Log-softmax: :math:`(x_i - m) - \log \sum_j e^{x_j - m}`, with :math:`m = \max_j x_j`.
 
     A row that is all ``-inf`` gives NaN, as PyTorch's does.
     """
@@ -64,7 +64,7 @@ def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
-    r""":math:`\mathrm{softmax}(x)_i = e^{x_i - m} / \sum_j e^{x_j - m}`, with :math:`m = \max_j x_j`."""
+    r"""Softmax: :math:`e^{x_i - m} / \sum_j e^{x_j - m}`, with :math:`m = \max_j x_j`."""
     e = torch.exp(x - x.amax(dim=dim, keepdim=True).detach())
     return e / e.sum(dim=dim, keepdim=True)
 
@@ -168,8 +168,8 @@ def cross_entropy_terms(
     r"""Every term of cross entropy, per row, for index targets ``(M,)`` or probability
     targets ``(M, C)`` (a floating ``target`` of the logits' shape).
 
-    With :math:`x' = c \tanh(x / c)` when ``softcap`` is set, :math:`\log p = x' - \mathrm{lse}(x')`,
-    :math:`\varepsilon` = ``label_smoothing``, :math:`C` classes:
+    With :math:`x' = c \tanh(x / c)` when ``softcap`` is set,
+    :math:`\log p = x' - \mathrm{lse}(x')`, :math:`\varepsilon` = ``label_smoothing``, :math:`C` classes:
 
     * index targets: :math:`\ell_i = (1-\varepsilon)(-w_{t_i} \log p_{i,t_i})
       + \varepsilon \big(-\tfrac{1}{C}\sum_c w_c \log p_{i,c}\big) + z\,\mathrm{lse}_i^2`,
@@ -240,7 +240,9 @@ def cross_entropy(
     See :func:`cross_entropy_terms` for every option. The result is in float32 (float64 for
     float64 logits); the caller casts it back.
     """
-    terms = cross_entropy_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    terms = cross_entropy_terms(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap
+    )
     return reduce_cross_entropy(terms, reduction)
 
 
@@ -310,4 +312,5 @@ def binary_cross_entropy_with_logits(
 ) -> Tensor:
     """Binary cross entropy on logits (multi-label with ``pos_weight``); mean over all elements.
     See :func:`binary_cross_entropy_with_logits_terms`."""
-    return reduce(binary_cross_entropy_with_logits_terms(logits, target, weight, pos_weight), reduction)
+    loss = binary_cross_entropy_with_logits_terms(logits, target, weight, pos_weight)
+    return reduce(loss, reduction)
