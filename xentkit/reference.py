@@ -169,7 +169,8 @@ def cross_entropy_terms(
     targets ``(M, C)`` (a floating ``target`` of the logits' shape).
 
     With :math:`x' = c \tanh(x / c)` when ``softcap`` is set,
-    :math:`\log p = x' - \mathrm{lse}(x')`, :math:`\varepsilon` = ``label_smoothing``, :math:`C` classes:
+    :math:`\log p = x' - \mathrm{lse}(x')`, :math:`\varepsilon` = ``label_smoothing``,
+    :math:`C` classes:
 
     * index targets: :math:`\ell_i = (1-\varepsilon)(-w_{t_i} \log p_{i,t_i})
       + \varepsilon \big(-\tfrac{1}{C}\sum_c w_c \log p_{i,c}\big) + z\,\mathrm{lse}_i^2`,
