@@ -30,8 +30,8 @@ from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "sum")
 
-# torch clamps log(p) of binary_cross_entropy at -100 so a probability of exactly 0 or 1
-# gives a large finite loss instead of inf; the gradient uses the same floor as torch's.
+# torch floors log(p) of binary_cross_entropy at -100 so a probability of exactly 0 or 1
+# gives a large finite loss instead of inf, and floors p (1 - p) at 1e-12 in its gradient.
 BCE_LOG_FLOOR = -100.0
 BCE_GRAD_EPS = 1e-12
 
@@ -41,17 +41,32 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
-    r"""Stable :math:`\log \sum_j e^{x_j}` along ``dim``.
+def _shift(x: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m, x - m, log(sum(exp(x - m))))`` with :math:`m` the row maximum (kept dims).
 
-    The row maximum :math:`m` is subtracted before exponentiating,
-    :math:`\mathrm{lse}(x) = m + \log \sum_j e^{x_j - m}`, so no term overflows; a row that is
-    all ``-inf`` gives ``-inf`` (its maximum is replaced by 0 to avoid ``-inf - -inf``).
+    Subtracting :math:`m` first means no exponential overflows and the largest term is exactly
+    1; a row that is all ``-inf`` uses :math:`m = 0` to avoid ``-inf - -inf``.
     """
     m = x.amax(dim=dim, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    out = m + torch.log(torch.exp(x - m).sum(dim=dim, keepdim=True))
+    shifted = x - m
+    return m, shifted, torch.log(torch.exp(shifted).sum(dim=dim, keepdim=True))
+
+
+def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    r"""Stable :math:`\log \sum_j e^{x_j} = m + \log \sum_j e^{x_j - m}` along ``dim``
+    (``-inf`` for a row that is all ``-inf``)."""
+    m, _, log_sum = _shift(x, dim)
+    out = m + log_sum
     return out if keepdim else out.squeeze(dim)
+
+
+def log_softmax_and_lse(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    r"""Log-softmax :math:`(x_i - m) - \log \sum_j e^{x_j - m}` and the log-sum-exp (dim
+    dropped), sharing one pass. The log-probabilities are formed from the shifted logits, never
+    as :math:`x_i - \mathrm{lse}`, which would lose digits when :math:`|x|` is large."""
+    m, shifted, log_sum = _shift(x, dim)
+    return shifted - log_sum, (m + log_sum).squeeze(dim)
 
 
 def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
@@ -59,8 +74,7 @@ def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
 
     A row that is all ``-inf`` gives NaN, as PyTorch's does.
     """
-    shifted = x - x.amax(dim=dim, keepdim=True).detach()
-    return shifted - torch.log(torch.exp(shifted).sum(dim=dim, keepdim=True))
+    return log_softmax_and_lse(x, dim)[0]
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
@@ -183,8 +197,7 @@ def cross_entropy_terms(
     dtype = accumulation_dtype(logits.dtype)
     x = apply_softcap(logits.to(dtype), softcap)
     num_classes = x.shape[-1]
-    lse = logsumexp(x, dim=-1)
-    log_probs = x - lse.unsqueeze(-1)
+    log_probs, lse = log_softmax_and_lse(x, dim=-1)
     w = None if weight is None else weight.to(dtype)
     eps = label_smoothing
 
@@ -247,18 +260,26 @@ def cross_entropy(
     return reduce_cross_entropy(terms, reduction)
 
 
-class _ClampedLog(torch.autograd.Function):
-    """``max(log p, -100)`` with PyTorch's BCE gradient ``1 / max(p, 1e-12)``, finite at p = 0."""
+class _BinaryCrossEntropy(torch.autograd.Function):
+    """Elementwise ``-[y max(log p, -100) + (1 - y) max(log(1 - p), -100)]`` with PyTorch's
+    gradient ``(p - y) / max(p (1 - p), 1e-12)``, which stays finite at p = 0 and p = 1."""
 
     @staticmethod
-    def forward(ctx, p: Tensor) -> Tensor:
-        ctx.save_for_backward(p)
-        return torch.log(p).clamp_min(BCE_LOG_FLOOR)
+    def forward(ctx, p: Tensor, y: Tensor) -> Tensor:
+        ctx.save_for_backward(p, y)
+        log_p, log_1mp = _floored_logs(p)
+        return -(y * log_p + (1 - y) * log_1mp)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (p,) = ctx.saved_tensors
-        return grad / p.clamp_min(BCE_GRAD_EPS)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        p, y = ctx.saved_tensors
+        grad_p = grad * (p - y) / (p * (1 - p)).clamp_min(BCE_GRAD_EPS)
+        log_p, log_1mp = _floored_logs(p)
+        return grad_p, grad * (log_1mp - log_p)
+
+
+def _floored_logs(p: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.log(p).clamp_min(BCE_LOG_FLOOR), torch.log1p(-p).clamp_min(BCE_LOG_FLOOR)
 
 
 def binary_cross_entropy_terms(
@@ -267,8 +288,7 @@ def binary_cross_entropy_terms(
     r"""Elementwise :math:`\ell = -w\,[\,y \log p + (1 - y) \log(1 - p)\,]`, each log floored
     at -100 as in PyTorch."""
     dtype = accumulation_dtype(probs.dtype)
-    p, y = probs.to(dtype), target.to(dtype)
-    loss = -(y * _ClampedLog.apply(p) + (1 - y) * _ClampedLog.apply(1 - p))
+    loss = _BinaryCrossEntropy.apply(probs.to(dtype), target.to(dtype))
     return loss if weight is None else loss * weight.to(dtype)
 
 
