@@ -263,3 +263,12 @@ def check_linear(input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | N
             f"expected target dtype to be Long or Byte, but got {_dtype(target)}: pass "
             "target.long() (class indices)."
         )
+
+
+def check_dim(input: Tensor, dim: int) -> None:
+    ndim = max(input.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(
+            f"Dimension out of range: dim={dim} for an input with {input.dim()} dimensions "
+            f"(shape {tuple(input.shape)}); expected dim in [{-ndim}, {ndim - 1}]."
+        )

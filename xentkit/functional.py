@@ -81,6 +81,7 @@ def _normalize(fn, input: Tensor, dim: int | None, dtype: torch.dtype | None, na
     _checks.check_floating_input(input)
     if dim is None:
         dim = _softmax_dim(name, input.dim())
+    _checks.check_dim(input, dim)
     if input.dim() == 0:
         return fn(input.unsqueeze(0).to(reference.accumulation_dtype(input.dtype)), 0)[0].to(
             input.dtype
