@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/xentkit explain "[[1, 0.5, 2], [0.5, 3, 1]]" "[2, 1]"
+	$(BIN)/xentkit check
+	$(BIN)/python examples/train_tiny_lm.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .
