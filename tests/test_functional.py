@@ -336,3 +336,12 @@ def test_reference_holds_no_call_to_the_functions_it_stands_for():
     source = Path(reference.__file__).read_text()
     for name in ("F.cross_entropy", "F.nll_loss", "F.binary_cross_entropy", "torch.logsumexp"):
         assert name not in source
+
+
+def test_probability_targets_promote_dtypes_like_torch():
+    x, y = torch.randn(3, 5), torch.rand(3, 5)
+    for target, weight in [(y.double(), None), (y, torch.ones(5).double()), (y.half(), None)]:
+        got = xentkit.cross_entropy(x, target, weight)
+        want = F.cross_entropy(x, target, weight)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

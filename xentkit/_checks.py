@@ -155,8 +155,9 @@ def check_probability_target(input: Tensor, target: Tensor, ignore_index: int) -
 
 
 def check_class_weight(
-    weight: Tensor | None, num_classes: int, dtype: torch.dtype, name: str = "weight"
+    weight: Tensor | None, num_classes: int, dtype: torch.dtype | None, name: str = "weight"
 ) -> None:
+    """A ``(C,)`` weight; of dtype ``dtype`` unless it is None (then any floating dtype)."""
     if weight is None:
         return
     if weight.dim() != 1 or weight.shape[0] != num_classes:
@@ -165,7 +166,7 @@ def check_class_weight(
             f"classes but got {name} tensor of shape: {list(weight.shape)}; pass a 1-D tensor "
             f"of length {num_classes} or None."
         )
-    if weight.dtype != dtype:
+    if dtype is not None and weight.dtype != dtype:
         raise RuntimeError(
             f"expected scalar type {_DTYPE_NAMES.get(dtype, dtype)} but found {_dtype(weight)} "
             f"for {name}: pass {name}.to({dtype})."

@@ -219,12 +219,17 @@ def cross_entropy(
     _checks.check_floating_input(input)
     cdim = _checks.class_dim(input)
     _checks.check_options(label_smoothing, z_loss, softcap)
+    out_dtype = input.dtype
     if target.shape == input.shape:
         _checks.check_probability_target(input, target, ignore_index)
+        # probability targets promote like torch's elementwise product: input * target * weight
+        _checks.check_class_weight(weight, input.shape[cdim], None)
+        for other in (target, weight):
+            out_dtype = out_dtype if other is None else torch.promote_types(out_dtype, other.dtype)
     else:
         _checks.check_index_target(input, target, ignore_index)
+        _checks.check_class_weight(weight, input.shape[cdim], input.dtype)
         target = target.long()
-    _checks.check_class_weight(weight, input.shape[cdim], input.dtype)
     rows = to_rows(input, target, cdim)
     options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     name = resolve_backend(backend, "cross_entropy", input.device)
@@ -232,7 +237,7 @@ def cross_entropy(
         loss = reference.cross_entropy(rows.input, rows.target, *options)
     else:
         loss = kernel(name, "cross_entropy")(rows.input, rows.target, *options, inplace_backward)
-    return _finish(loss, reduction, rows.shape, input.dtype)
+    return _finish(loss, reduction, rows.shape, out_dtype)
 
 
 def binary_cross_entropy(
