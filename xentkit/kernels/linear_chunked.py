@@ -1,0 +1,335 @@
+"""Fused linear cross entropy in torch ops: the LM head and the loss over token chunks.
+
+``cross_entropy(hidden @ weight.T + bias, target)`` for ``M`` tokens and ``V`` classes would
+build ``M x V`` logits and as many gradients. Here the tokens are walked in chunks of ``m``
+rows; for each chunk the logits are computed, the loss terms and their gradient are written
+into the same ``m x V`` buffer by :func:`xentkit.kernels.chunked.loss_and_grad`, and that
+gradient is pushed through the head at once:
+
+.. math:: G = \\partial L / \\partial Z_{\\text{chunk}}, \\qquad
+          \\nabla_H \\mathrel{+}= G W, \\quad \\nabla_W \\mathrel{+}= G^\\top H_{\\text{chunk}},
+          \\quad \\nabla_b \\mathrel{+}= \\textstyle\\sum_{\\text{rows}} G
+
+so the extra memory is one chunk of logits plus the weight gradient, whatever ``M`` is.
+Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
+
+For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
+backward pass only multiplies it by ``grad_output``. The forward computes the gradient of the
+*unnormalised* sum :math:`\\sum_i \\mathrm{ce}_i + r\\,z_i` (:math:`r` puts the z-loss's own
+denominator in the same units) and the backward applies ``grad_output / denominator`` in
+float32: a half-precision gradient of a mean over many tokens would otherwise underflow before
+a loss scaler could lift it.
+
+For ``reduction="none"`` the per-token ``grad_output`` is not known in the forward and the
+weight gradient :math:`\\sum_i g_i\\, G_i^\\top h_i` cannot be assembled without it, so the
+forward computes the losses only (one matrix product) and the backward walks the chunks again
+with each row's gradient scaled by its ``grad_output`` (three matrix products). Nothing of size
+``M x V`` is kept in between.
+
+Matrix products run in the input dtype; loss terms, gradients of the logits and the weight and
+bias gradients accumulate in float32 (float64 for float64 input), as under ``torch.autocast``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from xentkit import reference
+from xentkit.kernels.chunked import loss_and_grad
+
+# About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk:
+# a chunk is walked several times by loss_and_grad, so it should stay near the last-level cache.
+CHUNK_BYTES = 32 * 2**20
+# Each chunk reads and writes the whole V x D weight-gradient accumulator once while doing
+# 6 m V D flops of matrix products, so below ~128 rows the accumulator traffic starts to show.
+MIN_CHUNK_ROWS = 128
+
+
+def auto_chunk_size(num_classes: int, hidden_dim: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: about :data:`CHUNK_BYTES` of logits, hidden rows and their gradient.
+
+    A chunk holds ``m (V + 2 D)`` elements (logits, gathered hidden rows, their gradient); the
+    row count is a multiple of 32, at least :data:`MIN_CHUNK_ROWS`.
+
+    Example:
+        >>> auto_chunk_size(32768, 1024, torch.float32)
+        224
+        >>> auto_chunk_size(128256, 4096, torch.bfloat16)
+        128
+    """
+    row_bytes = (num_classes + 2 * hidden_dim) * torch.finfo(dtype).bits // 8
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes // 32 * 32)
+
+
+class _Problem:
+    """The inputs and options of one call, and the tokens that count."""
+
+    def __init__(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        bias: Tensor | None,
+        class_weight: Tensor | None,
+        ignore_index: int,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float | None,
+        chunk_size: int | None,
+    ) -> None:
+        self.hidden, self.weight, self.target, self.bias = hidden, weight, target, bias
+        self.class_weight = None if class_weight is None else class_weight.detach()
+        self.options = (ignore_index, label_smoothing, z_loss, softcap)
+        self.acc = reference.accumulation_dtype(hidden.dtype)
+        counted = target != ignore_index
+        self.count = int(counted.sum())
+        # Positions of the counted tokens, or None when all count and chunks can be plain views.
+        self.index = None if self.count == target.numel() else counted.nonzero().squeeze(1)
+        rows = chunk_size or auto_chunk_size(weight.shape[0], weight.shape[1], hidden.dtype)
+        self.rows = max(1, min(rows, self.count))
+
+    def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
+        """``(positions, hidden rows, targets)`` of each chunk of counted tokens."""
+        for start in range(0, self.count, self.rows):
+            stop = min(start + self.rows, self.count)
+            if self.index is None:
+                where: slice | Tensor = slice(start, stop)
+                yield where, self.hidden[where], self.target[where]
+            else:
+                where = self.index[start:stop]
+                yield where, self.hidden.index_select(0, where), self.target[where]
+
+    def logits(self, hidden: Tensor, buffer: Tensor) -> Tensor:
+        """``hidden @ weight.T + bias`` written into the first rows of ``buffer``."""
+        out = buffer[: hidden.shape[0]]
+        if self.bias is None:
+            return torch.mm(hidden, self.weight.T, out=out)
+        return torch.addmm(self.bias, hidden, self.weight.T, out=out)
+
+    def buffer(self) -> Tensor:
+        """The one ``(m, V)`` logits buffer every chunk reuses."""
+        return self.hidden.new_empty(self.rows, self.weight.shape[0])
+
+    def denominators(self, reduction: str) -> tuple[Tensor, Tensor]:
+        """What the cross-entropy and z-loss sums are divided by: for the mean, the summed
+        class weight of the counted targets and the number of counted tokens."""
+        one = torch.ones((), dtype=self.acc, device=self.hidden.device)
+        if reduction != "mean":
+            return one, one
+        count = one * self.count
+        if self.class_weight is None:
+            return count, count
+        counted = self.target if self.index is None else self.target[self.index]
+        return self.class_weight.to(self.acc)[counted].sum(), count
+
+
+class _Gradients:
+    """The gradients of the hidden states, weight and bias that were asked for, accumulated
+    chunk by chunk (weight and bias in the accumulation dtype)."""
+
+    def __init__(self, problem: _Problem, needs: tuple[bool, bool, bool]) -> None:
+        self.problem = problem
+        hidden, weight, acc = problem.hidden, problem.weight, problem.acc
+        self.hidden = self.weight = self.bias = None
+        if needs[0]:
+            # Ignored tokens are never visited, so their rows must start at zero.
+            self.hidden = (torch.empty_like if problem.index is None else torch.zeros_like)(
+                hidden, memory_format=torch.contiguous_format
+            )
+        if needs[1]:
+            self.weight = torch.zeros_like(weight, dtype=acc, memory_format=torch.contiguous_format)
+            # Half-precision products are rounded once per chunk here, then summed in float32.
+            self._partial = (
+                None if weight.dtype == acc else torch.empty_like(self.weight, dtype=weight.dtype)
+            )
+        if needs[2]:
+            self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+    def add(self, where: slice | Tensor, hidden: Tensor, grad: Tensor) -> None:
+        """Push one chunk's logits gradient ``grad`` (m, V) through the head."""
+        if self.hidden is not None:
+            if isinstance(where, slice):
+                torch.mm(grad, self.problem.weight, out=self.hidden[where])
+            else:
+                self.hidden.index_copy_(0, where, grad @ self.problem.weight)
+        if self.weight is not None:
+            if self._partial is None:
+                self.weight.addmm_(grad.T, hidden)
+            else:
+                self.weight.add_(torch.mm(grad.T, hidden, out=self._partial))
+        if self.bias is not None:
+            self.bias.add_(grad.sum(0, dtype=self.problem.acc))
+
+    def scaled(self, scale: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The gradients times ``scale`` (None: as they are), in the parameters' dtypes."""
+        self._partial = None
+        grads = []
+        for grad, like in zip(
+            (self.hidden, self.weight, self.bias),
+            (self.problem.hidden, self.problem.weight, self.problem.bias),
+            strict=True,
+        ):
+            if grad is not None:
+                if scale is not None:
+                    grad.mul_(scale)
+                grad = grad.to(like.dtype)
+            grads.append(grad)
+        self.hidden = self.weight = self.bias = None
+        return tuple(grads)
+
+
+def _forward(
+    problem: _Problem, reduction: str, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor, _Gradients]:
+    """The loss and, for the mean and the sum, the gradients of its unnormalised sum."""
+    ce_denominator, z_denominator = problem.denominators(reduction)
+    grads = _Gradients(problem, needs if reduction != "none" else (False, False, False))
+    # Gradient of sum(ce_i + ratio * z_i); the backward multiplies by 1 / ce_denominator.
+    ratio = ce_denominator / z_denominator
+    zero = torch.zeros((), dtype=problem.acc, device=problem.hidden.device)
+    losses = zero.new_zeros(problem.target.shape[0]) if reduction == "none" else None
+    ce_total, z_total = zero, zero.clone()
+    buffer = problem.buffer()
+    for where, hidden, target in problem.chunks():
+        logits = problem.logits(hidden, buffer)
+        ce, z, grad = loss_and_grad(
+            logits,
+            target,
+            problem.class_weight,
+            *problem.options,
+            ce_scale=1.0 if grads.any else None,
+            z_scale=ratio,
+            out=logits,
+        )
+        if losses is not None:
+            losses[where] = ce + z
+        else:
+            ce_total += ce.sum()
+            z_total += z.sum()
+        if grad is not None:
+            grads.add(where, hidden, grad)
+    if losses is not None:
+        return losses, grads
+    # A mean over no counted token is 0 / 0 = NaN, as in PyTorch.
+    return ce_total / ce_denominator + z_total / z_denominator, grads
+
+
+def _backward_per_token(
+    problem: _Problem, grad_output: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``sum_i grad_output_i * loss_i``: the chunks are walked again and each
+    row's logits gradient is scaled by its ``grad_output``."""
+    grads = _Gradients(problem, needs)
+    grad_output = grad_output.to(problem.acc)
+    buffer = problem.buffer()
+    for where, hidden, target in problem.chunks():
+        logits = problem.logits(hidden, buffer)
+        scale = grad_output[where]
+        _, _, grad = loss_and_grad(
+            logits,
+            target,
+            problem.class_weight,
+            *problem.options,
+            ce_scale=scale,
+            z_scale=scale,
+            out=logits,
+        )
+        grads.add(where, hidden, grad)
+    return grads.scaled(None)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd node of the fused head + loss: the gradients are computed in the forward (mean,
+    sum) or by walking the chunks again in the backward (none); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, reduction, options, chunk_size):
+        problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
+        needs = tuple(ctx.needs_input_grad[:3])
+        loss, grads = _forward(problem, reduction, needs)
+        ctx.reduction = reduction
+        if reduction == "none":
+            ctx.problem = problem
+            # The inputs are saved through autograd so that in-place changes to them are caught.
+            ctx.save_for_backward(hidden, weight, bias)
+        else:
+            ctx.grads = grads
+            ctx.ce_denominator = problem.denominators(reduction)[0]
+            ctx.count = problem.count
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        needs = tuple(ctx.needs_input_grad[:3])
+        if ctx.reduction == "none":
+            ctx.saved_tensors  # noqa: B018 (raises if an input was modified in place)
+            grads = _backward_per_token(ctx.problem, grad_output, needs)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "linear_cross_entropy computes its gradients in the forward pass and hands "
+                    "them over on the first backward; to differentiate again, run it again "
+                    "(retain_graph=True cannot reuse them)."
+                )
+            # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
+            scale = grad_output / ctx.ce_denominator if ctx.count else None
+            grads = ctx.grads.scaled(scale)
+            ctx.grads = None
+        return (*grads, None, None, None, None, None)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> Tensor:
+    r"""Fused ``cross_entropy(hidden @ weight.T + bias, target)`` over token chunks.
+
+    .. math:: \ell_i = (1-\varepsilon)\,w_{t_i}(\mathrm{lse}(z_i) - z_{i,t_i})
+              + \tfrac{\varepsilon}{V}\textstyle\sum_c w_c(\mathrm{lse}(z_i) - z_{i,c})
+              + \zeta\,\mathrm{lse}(z_i)^2, \qquad z_i = W h_i + b
+
+    (with :math:`z` soft-capped first when ``softcap`` is set); the terms are those of
+    :func:`xentkit.reference.cross_entropy_terms`, the reduction that of PyTorch.
+
+    Args:
+        hidden: ``(M, D)`` hidden states.
+        weight: ``(V, D)`` classifier, the layout of ``nn.Linear(D, V).weight``.
+        target: ``(M,)`` int64 class ids or ``ignore_index``.
+        bias: optional ``(V,)``.
+        class_weight: optional ``(V,)`` class weights (no gradient flows into them).
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`xentkit.cross_entropy`.
+        chunk_size: tokens per chunk; :func:`auto_chunk_size` when None.
+    Returns:
+        ``(M,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64 input).
+
+    Example:
+        >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
+        >>> linear_cross_entropy(h, w, torch.tensor([2, 1]), None, None, -100, "none", 0.0,
+        ...                      0.0, None, None)
+        tensor([0.4644, 0.1967])
+    """
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    params = (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight, bias, target, class_weight, reduction, options, chunk_size
+        )
+    problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
+    return _forward(problem, reduction, (False, False, False))[0]
