@@ -1,0 +1,715 @@
+r"""Vocab-parallel cross entropy over ``torch.distributed``: each rank holds a slice of the classes.
+
+When the vocabulary (or the classifier that makes it) is too large for one device, tensor-parallel
+training gives each rank of a process group a contiguous slice of the classes:
+``logits[:, vocab_start : vocab_start + V_r]`` or ``weight[vocab_start : vocab_start + V_r]``.
+The slices may differ in size. Every rank holds the *same* rows (the full batch of targets and,
+for :func:`linear_cross_entropy`, the full hidden states) and computes the same loss.
+
+How the loss is split. Rank :math:`r` reduces its slice of each row to three numbers: its local
+log-sum-exp :math:`\mathrm{lse}_r`, the target logit :math:`x_t` when it owns class :math:`t`
+(0 otherwise) and, with label smoothing, :math:`\sum_{c \in r} w_c x_c`. One ``all_gather`` of
+these ``(M, 2 or 3)`` numbers gives every rank the global
+:math:`\mathrm{lse} = \log \sum_r e^{\mathrm{lse}_r}`, :math:`x_t` and
+:math:`\sum_c w_c x_c`, from which :mod:`xentkit.reference`'s per-row terms follow
+(``ce = (1 - eps) * nll + eps * smooth``, ``z = z_loss * lse**2``; the mean divides ``ce`` by the
+sum of target weights and ``z`` by the number of counted rows). Label smoothing is exact over the
+whole vocabulary, not per slice. The gradient of a slice is local:
+
+.. math:: \frac{\partial \ell_i}{\partial x_c} = p_c \Big(a_i \big((1-\varepsilon) w_{t_i}
+          + \varepsilon \tfrac{W}{V}\big) + 2 b_i z\,\mathrm{lse}_i\Big)
+          - a_i (1-\varepsilon) w_{t_i} [c = t_i] - a_i \varepsilon \tfrac{w_c}{V}
+
+with :math:`W = \sum_c w_c`, :math:`a_i, b_i` the incoming gradient of the row's
+cross-entropy and z-loss parts, times :math:`1 - \tanh^2(x_c / s)` under a softcap :math:`s`.
+
+Collectives per call (all on ``group``; the targets and class weights are identical on every
+rank, so the mean's denominators need none):
+
+* :func:`vocab_parallel_cross_entropy`: forward 2 (a 17-integer ``all_gather`` that checks the
+  inputs, one ``(M, k)`` ``all_gather``), backward 0;
+* :func:`linear_cross_entropy`: forward ``1 + ceil(M / chunk_size)`` (the check, then one
+  ``(chunk, k)`` ``all_gather`` per chunk of tokens: a chunk's gradient is written in the forward
+  pass as soon as its global log-sum-exp is known, which costs one tiny collective per chunk
+  instead of a second pass of logits matrix products), backward 1 (``all_reduce`` of the
+  ``(M, D)`` gradient of the hidden states; 0 when they need none).
+
+Bytes per rank and step for :func:`linear_cross_entropy` (``R`` ranks, ``s`` bytes per element):
+``(R - 1) * M * k * 4`` gathered statistics ``+ 2 * (R - 1) / R * M * D * s`` for a ring
+all-reduce of the hidden states' gradient; linear in ``M``, independent of ``V``.
+
+Errors. Every rank first shares a small fixed-size report of its inputs (shapes, dtype, options,
+a hash of the targets and class weights, the range of the targets); every check that could
+differ between ranks is decided from that shared report, so all ranks raise the same error
+instead of one raising while the others wait in a collective.
+
+Example (a one-process group; ``examples/vocab_parallel.py`` runs two):
+    >>> import torch, torch.distributed as dist
+    >>> from xentkit.distributed import vocab_parallel_cross_entropy
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+    >>> vocab_parallel_cross_entropy(logits, torch.tensor([2, 1]))
+    tensor(0.3306)
+    >>> dist.destroy_process_group()
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from xentkit import _checks
+from xentkit.reference import REDUCTIONS, accumulation_dtype, logsumexp
+
+__all__ = ["linear_cross_entropy", "vocab_parallel_cross_entropy"]
+
+# Default rows per chunk of linear_cross_entropy: about this many logits (16 MiB in float32)
+# per chunk, computed from the largest slice so every rank runs the same number of collectives.
+CHUNK_ELEMENTS = 1 << 22
+
+# The fields of the report every rank shares before any collective whose size depends on them.
+_FIELDS = (
+    "error", "rows", "shard", "dim", "dtype", "vocab_start", "target_hash", "target_min",
+    "target_max", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap",
+    "weight_len", "weight_hash", "backward", "chunk_size",
+)  # fmt: skip
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Fields that must be equal on every rank, with what they mean to the user.
+_SAME = {
+    "rows": "rows (target elements): every rank passes the full batch",
+    "dim": "hidden size D",
+    "dtype": "dtype",
+    "target_hash": "targets: every rank passes the same target tensor",
+    "ignore_index": "ignore_index",
+    "reduction": "reduction",
+    "label_smoothing": "label_smoothing",
+    "z_loss": "z_loss",
+    "softcap": "softcap",
+    "weight_len": "class_weight shape: the full (V,) vector on every rank",
+    "weight_hash": "class_weight values: the same (V,) vector on every rank",
+    "backward": "whether the hidden states require grad (the backward pass has a collective)",
+    "chunk_size": "chunk_size: every rank must run the same number of chunks",
+}
+
+
+class _Plan(NamedTuple):
+    """What every rank agreed on in the check: where its slice lies and the loss's options."""
+
+    group: Any
+    world_size: int
+    vocab_start: int
+    num_classes: int  # V, the global vocabulary
+    chunk_size: int
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+
+
+class _Targets(NamedTuple):
+    """Per-row facts about the targets, computed locally (the targets are the same everywhere)."""
+
+    counted: Tensor  # (M,) bool: not ignore_index
+    weight: Tensor  # (M,) w of the target class, 0 where ignored
+    owned: Tensor  # (M,) bool: the target class is in this rank's slice
+    local: Tensor  # (M,) the target's column in the slice (0 where not owned)
+    total_weight: float  # W = sum of all class weights (V without weights)
+
+
+def _float_bits(x: float) -> int:
+    """A float as the int64 with the same bits, so it travels exactly in an integer tensor."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _rank(group) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; a clear error when there is none."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group("
+            "'gloo' or 'nccl', ...) on every rank first (torchrun sets the environment); in a "
+            "single process use xentkit.cross_entropy or xentkit.linear_cross_entropy without a "
+            "group."
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError(
+            "this process is not a member of the given process group: pass the tensor-parallel "
+            "group this rank belongs to (or None for the default group)."
+        )
+    return rank, dist.get_world_size(group)
+
+
+def _report(
+    target: Tensor,
+    shard: int,
+    dim: int,
+    dtype: torch.dtype,
+    vocab_start: int | None,
+    weight: Tensor | None,
+    options: tuple[int, str, float, float, float | None],
+    backward: int = 0,
+    chunk_size: int | None = None,
+) -> dict[str, int]:
+    """This rank's inputs, summarised in integers."""
+    ignore_index, reduction, label_smoothing, z_loss, softcap = options
+    flat = target.reshape(-1)
+    counted = flat[flat != ignore_index]
+    # A position-weighted sum: any difference in the targets between ranks changes it.
+    position = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
+    weight_hash = 0
+    if weight is not None:
+        index = torch.arange(1, weight.numel() + 1, device=weight.device, dtype=torch.float64)
+        weight_hash = _float_bits(float((weight.double() * index).sum()))
+    return {
+        "error": 0,
+        "rows": flat.numel(),
+        "shard": shard,
+        "dim": dim,
+        "dtype": _DTYPES.index(dtype),
+        "vocab_start": -1 if vocab_start is None else vocab_start,
+        "target_hash": int((flat * position).sum()),
+        "target_min": int(counted.min()) if counted.numel() else 0,
+        "target_max": int(counted.max()) if counted.numel() else -1,
+        "ignore_index": ignore_index,
+        "reduction": REDUCTIONS.index(reduction),
+        "label_smoothing": _float_bits(label_smoothing),
+        "z_loss": _float_bits(z_loss),
+        "softcap": _float_bits(-1.0 if softcap is None else softcap),
+        "weight_len": -1 if weight is None else weight.numel(),
+        "weight_hash": weight_hash,
+        "backward": backward,
+        "chunk_size": chunk_size or 0,
+    }
+
+
+def _agree(check, report, group, rank: int, world_size: int, device) -> dict[str, list[int]]:
+    """Run this rank's local ``check`` (which builds its report), share the reports with one
+    ``all_gather`` and raise on every rank if any rank failed its check.
+
+    A failed local check is not raised at once: the other ranks would wait in the gather.
+    """
+    error = None
+    try:
+        check()
+        mine = report()
+    except Exception as exc:
+        error, mine = exc, {"error": 1}
+    local = torch.tensor([mine.get(f, 0) for f in _FIELDS], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered).cpu().T.tolist()
+    reports = dict(zip(_FIELDS, table, strict=True))
+    if error is not None:
+        raise error
+    failed = [r for r, e in enumerate(reports["error"]) if e]
+    if failed:
+        raise RuntimeError(
+            f"rank(s) {failed} of the process group rejected their inputs (see the error raised "
+            f"there); rank {rank} stops too, so that no rank waits in a collective."
+        )
+    return reports
+
+
+def _plan(reports, rank: int, world_size: int, group, options, chunk_size: int | None) -> _Plan:
+    """Check, from the shared reports only (so every rank reaches the same verdict), that the
+    ranks agree and that their slices tile the vocabulary; then lay out this rank's slice."""
+    for field, meaning in _SAME.items():
+        values = reports[field]
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"the ranks disagree on the {meaning}; per rank: {_shown(field, values)}. "
+                "Pass the same value on every rank of the group."
+            )
+    shards, starts = reports["shard"], reports["vocab_start"]
+    num_classes = sum(shards)
+    if all(s < 0 for s in starts):
+        vocab_start = sum(shards[:rank])
+    elif any(s < 0 for s in starts):
+        raise ValueError(
+            f"vocab_start is given on some ranks only (per rank: {starts}, -1 = None): give it on "
+            "every rank or on none (then slices follow the ranks' order)."
+        )
+    else:
+        slices = sorted(zip(starts, shards, strict=True))
+        ends = [0] + [s + n for s, n in slices]
+        if any(s != e for (s, _), e in zip(slices, ends, strict=False)):
+            raise ValueError(
+                f"the slices [vocab_start, vocab_start + V_r) must tile [0, {num_classes}) "
+                f"without gaps or overlaps; got starts {starts} and sizes {shards} per rank."
+            )
+        vocab_start = starts[rank]
+    low, high = min(reports["target_min"]), max(reports["target_max"])
+    if low < 0 or high >= num_classes:
+        value = low if low < 0 else high
+        raise IndexError(
+            f"Target {value} is out of bounds: targets are global class ids in [0, {num_classes}) "
+            f"(the sum of the ranks' slices {shards}) or ignore_index={options[0]}."
+        )
+    if reports["weight_len"][0] not in (-1, num_classes):
+        raise RuntimeError(
+            f"class_weight must be the full (V,) vector, V = {num_classes} (the sum of the "
+            f"slices {shards}), on every rank; got length {reports['weight_len'][0]}."
+        )
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // max(1, *shards))
+    return _Plan(group, world_size, vocab_start, num_classes, chunk, *options)
+
+
+def _shown(field: str, values: list[int]) -> list:
+    """Report values as the user wrote them."""
+    if field in ("label_smoothing", "z_loss", "softcap"):
+        return [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
+    if field == "dtype":
+        return [_DTYPES[v] for v in values]
+    if field == "reduction":
+        return [REDUCTIONS[v] for v in values]
+    return values
+
+
+def _check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
+    _checks.check_reduction(reduction)
+    _checks.check_options(label_smoothing, z_loss, softcap)
+
+
+def _check_target(target: Tensor, rows_shape: tuple[int, ...], name: str) -> None:
+    if not isinstance(target, Tensor) or target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"expected target to be a Long or Byte tensor of global class ids, got "
+            f"{getattr(target, 'dtype', type(target).__name__)}: pass target.long()."
+        )
+    if tuple(target.shape) != rows_shape:
+        raise ValueError(
+            f"Expected target of shape {rows_shape} ({name}'s shape without its last dimension), "
+            f"got {tuple(target.shape)}."
+        )
+
+
+def _check_weight(weight: Tensor | None, dtype: torch.dtype, name: str) -> None:
+    if weight is not None and (weight.dim() != 1 or weight.dtype != dtype):
+        raise RuntimeError(
+            f"{name} must be a 1-D tensor of dtype {dtype} holding the weight of every class of "
+            f"the global vocabulary (the same on every rank), got shape {tuple(weight.shape)} "
+            f"and dtype {weight.dtype}."
+        )
+
+
+def _targets(target: Tensor, weight: Tensor | None, plan: _Plan, shard: int, dtype) -> _Targets:
+    counted = target != plan.ignore_index
+    safe = torch.where(counted, target, 0)
+    local = safe - plan.vocab_start
+    owned = counted & (local >= 0) & (local < shard)
+    local = torch.where(owned, local, 0)
+    if weight is None:
+        return _Targets(counted, counted.to(dtype), owned, local, float(plan.num_classes))
+    w = weight.to(dtype)
+    return _Targets(counted, torch.where(counted, w[safe], 0.0), owned, local, float(w.sum()))
+
+
+def _capped(logits: Tensor, softcap: float | None, dtype, owned: bool):
+    """Logits in the accumulation dtype after the softcap, in a buffer the caller may overwrite
+    (``logits`` itself when ``owned``), and ``tanh(logits / softcap)`` (for the softcap's
+    derivative ``1 - tanh**2``) or None."""
+    x = logits.to(dtype, copy=not owned)
+    if softcap is None:
+        return x, None
+    t = x.div_(softcap).tanh_()
+    return t * softcap, t
+
+
+def _exp_shifted(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Row maxima ``m`` (0 for an all ``-inf`` row, as reference.logsumexp) and
+    ``exp(x - m)`` written over ``x``."""
+    m = x.amax(dim=-1)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    return m, x.sub_(m.unsqueeze(-1)).exp_()
+
+
+def _slice_stats(x: Tensor, rows: _Targets, w_local: Tensor | None, plan: _Plan):
+    """This slice's per-row ``(lse_r, target logit or 0, sum_c w_c x_c)``; overwrites ``x``
+    with ``exp(x - m)`` and returns it with ``m`` for the gradient."""
+    picked = torch.where(rows.owned, x.gather(-1, rows.local.unsqueeze(-1)).squeeze(-1), 0.0)
+    columns = [picked]
+    if plan.label_smoothing > 0:
+        columns.append(x.sum(-1) if w_local is None else x @ w_local)
+    m, e = _exp_shifted(x)
+    lse_r = m + torch.log(e.sum(-1))
+    return torch.stack([lse_r, *columns], dim=-1), m, e
+
+
+def _gather_stats(stats: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The one collective of a forward chunk: every rank's ``(rows, k)`` statistics, combined
+    into the global log-sum-exp, target logit and weighted logit sum."""
+    parts = [torch.empty_like(stats) for _ in range(plan.world_size)]
+    dist.all_gather(parts, stats.contiguous(), group=plan.group)
+    every = torch.stack(parts)  # (R, rows, k)
+    lse = logsumexp(every[..., 0], dim=0)
+    summed = every[..., 1:].sum(0)
+    return lse, summed[:, 0], summed[:, 1] if plan.label_smoothing > 0 else None
+
+
+def _row_losses(lse, target_logit, weighted_sum, rows: _Targets, plan: _Plan):
+    """Per-row cross-entropy and z-loss parts, as ``reference.cross_entropy_terms``."""
+    eps = plan.label_smoothing
+    nll = torch.where(rows.counted, -rows.weight * (target_logit - lse), 0.0)
+    ce = nll
+    if eps > 0:
+        smooth = -(weighted_sum - lse * rows.total_weight) / plan.num_classes
+        ce = (1 - eps) * nll + eps * torch.where(rows.counted, smooth, 0.0)
+    if not plan.z_loss:
+        return ce, torch.zeros_like(ce)
+    return ce, torch.where(rows.counted, plan.z_loss * lse * lse, 0.0)
+
+
+def _reduce(ce: Tensor, z: Tensor, rows: _Targets, reduction: str) -> Tensor:
+    """As ``reference.reduce_cross_entropy``: the mean divides ``ce`` by the sum of target
+    weights and ``z`` by the number of counted rows."""
+    if reduction == "none":
+        return ce + z
+    if reduction == "sum":
+        return (ce + z).sum()
+    return ce.sum() / rows.weight.sum() + z.sum() / rows.counted.sum()
+
+
+def _row_scales(grad: Tensor, rows: _Targets, reduction: str) -> tuple[Tensor, Tensor]:
+    """The incoming gradient of each row's cross-entropy part ``a`` and z-loss part ``b``
+    (0 on rows that are not counted)."""
+    if reduction == "mean":
+        a, b = grad / rows.weight.sum(), grad / rows.counted.sum()
+    else:
+        a = b = grad
+    zero = torch.zeros((), dtype=rows.weight.dtype, device=rows.weight.device)
+    return torch.where(rows.counted, a, zero), torch.where(rows.counted, b, zero)
+
+
+def _slice_grad(e, m, t, lse, a, b, rows: _Targets, w_local, plan: _Plan) -> Tensor:
+    """The gradient of the loss with respect to this slice's logits (the module docstring's
+    formula), written over ``e = exp(x - m)``."""
+    eps = plan.label_smoothing
+    coef = a * ((1 - eps) * rows.weight + eps * rows.total_weight / plan.num_classes)
+    if plan.z_loss:
+        coef = coef + b * 2 * plan.z_loss * lse
+    # p = e * exp(m - lse); rows that are not counted get 0 even where lse is -inf.
+    e.mul_(torch.where(rows.counted, torch.exp(m - lse) * coef, 0.0).unsqueeze(-1))
+    hit = rows.owned.nonzero().squeeze(-1)
+    step = -(1 - eps) * a[hit] * rows.weight[hit]
+    e.index_put_((hit, rows.local[hit]), step.to(e.dtype), accumulate=True)
+    if eps > 0:
+        w = torch.ones(e.shape[-1], dtype=e.dtype, device=e.device) if w_local is None else w_local
+        e.addr_(a, w, alpha=-eps / plan.num_classes)
+    if t is not None:
+        e.mul_(t.square_().neg_().add_(1))
+    return e
+
+
+def _weights_slice(weight: Tensor | None, plan: _Plan, shard: int, dtype) -> Tensor | None:
+    if weight is None:
+        return None
+    return weight[plan.vocab_start : plan.vocab_start + shard].to(dtype)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross entropy of ``(M, V_r)`` logit slices: forward gathers the per-row statistics once;
+    backward recomputes ``exp`` from the saved logits and needs no collective."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, plan: _Plan):
+        dtype = accumulation_dtype(logits.dtype)
+        rows = _targets(target, weight, plan, logits.shape[-1], dtype)
+        w_local = _weights_slice(weight, plan, logits.shape[-1], dtype)
+        x, _ = _capped(logits, plan.softcap, dtype, owned=False)
+        if target.numel():
+            stats, _, _ = _slice_stats(x, rows, w_local, plan)
+            del x
+            lse, picked, weighted_sum = _gather_stats(stats, plan)
+        else:
+            lse = picked = weighted_sum = torch.zeros(0, dtype=dtype, device=logits.device)
+        ce, z = _row_losses(lse, picked, weighted_sum, rows, plan)
+        ctx.save_for_backward(logits, lse)
+        ctx.rows, ctx.w_local, ctx.plan = rows, w_local, plan
+        return _reduce(ce, z, rows, plan.reduction)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, lse = ctx.saved_tensors
+        rows, plan = ctx.rows, ctx.plan
+        a, b = _row_scales(grad.to(lse.dtype), rows, plan.reduction)
+        x, t = _capped(logits, plan.softcap, lse.dtype, owned=False)
+        m, e = _exp_shifted(x)
+        grad_logits = _slice_grad(e, m, t, lse, a, b, rows, ctx.w_local, plan)
+        return grad_logits.to(logits.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits_shard: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    r"""Cross entropy of logits whose classes are split over the ranks of ``group``.
+
+    Equals ``xentkit.cross_entropy(full_logits, target, ...)`` on the logits concatenated over
+    the ranks along the class dimension, with the gradient of this rank's slice:
+
+    .. math:: \ell_i = (1-\varepsilon)\big(-w_{t_i}(x_{i,t_i} - \mathrm{lse}_i)\big)
+              + \varepsilon\big(-\tfrac1V \textstyle\sum_c w_c (x_{i,c} - \mathrm{lse}_i)\big)
+              + z\,\mathrm{lse}_i^2,
+              \qquad \mathrm{lse}_i = \log \textstyle\sum_r \sum_{c \in r} e^{x_{i,c}}
+
+    Two collectives per forward (a small check, then one ``all_gather`` of ``(M, 2 or 3)``
+    statistics), none in backward.
+
+    Args:
+        logits_shard: ``(..., V_r)`` this rank's classes ``[vocab_start, vocab_start + V_r)``
+            of the logits; ``V_r`` may differ between ranks.
+        target: ``(...)`` global class ids in ``[0, V)`` or ``ignore_index``, the same on
+            every rank.
+        group: the process group holding the slices; None for the default group.
+        vocab_start: this rank's first class; None places the slices in rank order
+            (``sum`` of the lower ranks' ``V_r``). Give it on every rank or on none.
+        weight: optional ``(V,)`` weights of *all* classes, the same on every rank.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`xentkit.cross_entropy`; the same on every rank.
+    Returns:
+        the target's shape for ``reduction="none"``, else a scalar; in the logits' dtype and
+        equal on every rank.
+
+    Raises:
+        on every rank alike when the ranks disagree (rows, targets, options, dtype, weights),
+        when the slices do not tile the vocabulary or a target lies outside it, or when one
+        rank's inputs are invalid; RuntimeError when ``torch.distributed`` is not initialised.
+
+    See also :func:`linear_cross_entropy` (which never makes the logits) and the module
+    docstring for an example.
+    """
+    rank, world_size = _rank(group)
+    options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+    def check() -> None:
+        _checks.check_floating_input(logits_shard, "logits_shard")
+        if logits_shard.dim() < 1 or logits_shard.dtype not in _DTYPES:
+            raise ValueError(
+                f"logits_shard must be (..., V_r) float16/bfloat16/float32/float64, got shape "
+                f"{tuple(logits_shard.shape)} and dtype {logits_shard.dtype}."
+            )
+        _check_target(target, tuple(logits_shard.shape[:-1]), "logits_shard")
+        _check_weight(weight, logits_shard.dtype, "weight")
+        _check_options(reduction, label_smoothing, z_loss, softcap)
+        _check_vocab_start(vocab_start)
+
+    def report() -> dict[str, int]:
+        shard, dtype = logits_shard.shape[-1], logits_shard.dtype
+        return _report(target, shard, 0, dtype, vocab_start, weight, options)
+
+    device = logits_shard.device if isinstance(logits_shard, Tensor) else "cpu"
+    reports = _agree(check, report, group, rank, world_size, device)
+    plan = _plan(reports, rank, world_size, group, options, None)
+    rows = logits_shard.reshape(-1, logits_shard.shape[-1])
+    loss = _VocabParallelCrossEntropy.apply(rows, target.reshape(-1).long(), weight, plan)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss.to(logits_shard.dtype)
+
+
+def _check_vocab_start(vocab_start: int | None) -> None:
+    if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
+        raise ValueError(
+            f"vocab_start must be a non-negative int (this rank's first class) or None, got "
+            f"{vocab_start!r}."
+        )
+
+
+def _chunks(rows: _Targets, size: int):
+    """``(slice, the rows' targets)`` for each chunk of ``size`` rows."""
+    for start in range(0, len(rows.counted), size):
+        chunk = slice(start, start + size)
+        yield chunk, _Targets(*(f[chunk] for f in rows[:4]), rows.total_weight)
+
+
+def _grad_buffers(hidden: Tensor, weight: Tensor, needs, dtype) -> list[Tensor | None]:
+    """Zeroed gradients of the hidden states (their dtype: each chunk writes its own rows), the
+    weight slice and the bias slice (accumulated over chunks in ``dtype``)."""
+    gh = torch.zeros_like(hidden) if needs[0] else None
+    gw = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None
+    gb = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if needs[2] else None
+    return [gh, gw, gb]
+
+
+def _accumulate(grads, d: Tensor, h: Tensor, weight: Tensor, chunk: slice) -> None:
+    """Add one chunk's share, given the gradient ``d`` of its logits, to the three gradients."""
+    gh, gw, gb = grads
+    if gh is not None:
+        gh[chunk] = d @ weight
+    if gw is not None:
+        if gw.dtype == d.dtype:
+            gw.addmm_(d.T, h)
+        else:
+            gw.add_(d.T @ h)
+    if gb is not None:
+        gb.add_(d.sum(0, dtype=gb.dtype))
+
+
+def _chunk_logits(hidden, weight, bias, rows_all: _Targets, plan: _Plan, dtype):
+    """``(chunk, its rows' targets, x, t)`` per chunk of tokens: ``x`` the chunk's softcapped
+    logits in ``dtype`` (the only ``chunk x V_r`` buffers alive) and ``t`` as :func:`_capped`."""
+    for chunk, rows in _chunks(rows_all, plan.chunk_size):
+        x, t = _capped(F.linear(hidden[chunk], weight, bias), plan.softcap, dtype, owned=True)
+        yield chunk, rows, x, t
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """The LM head and the loss over vocabulary slices of the classifier, chunked over tokens.
+
+    For ``mean`` and ``sum`` the gradients are written in the forward pass (three matrix
+    products per chunk and nothing recomputed); backward scales them by the incoming gradient
+    and all-reduces the hidden states' share. For ``none`` each row's incoming gradient is only
+    known in backward, which recomputes each chunk's logits from the saved global log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, plan: _Plan, needs):
+        dtype = accumulation_dtype(hidden.dtype)
+        rows_all = _targets(target, class_weight, plan, weight.shape[0], dtype)
+        w_local = _weights_slice(class_weight, plan, weight.shape[0], dtype)
+        early = plan.reduction != "none" and any(needs)
+        if early:
+            grads = _grad_buffers(hidden, weight, needs, dtype)
+            one = torch.ones((), dtype=dtype, device=hidden.device)
+            a_all, b_all = _row_scales(one, rows_all, plan.reduction)
+        ce_all = torch.zeros(target.shape[0], dtype=dtype, device=hidden.device)
+        z_all, lse_all = torch.zeros_like(ce_all), torch.zeros_like(ce_all)
+        for chunk, rows, x, t in _chunk_logits(hidden, weight, bias, rows_all, plan, dtype):
+            stats, m, e = _slice_stats(x, rows, w_local, plan)
+            lse, picked, weighted_sum = _gather_stats(stats, plan)
+            ce_all[chunk], z_all[chunk] = _row_losses(lse, picked, weighted_sum, rows, plan)
+            lse_all[chunk] = lse
+            if early:
+                d = _slice_grad(e, m, t, lse, a_all[chunk], b_all[chunk], rows, w_local, plan)
+                _accumulate(grads, d.to(hidden.dtype), hidden[chunk], weight, chunk)
+        ctx.plan, ctx.needs, ctx.rows, ctx.w_local = plan, needs, rows_all, w_local
+        ctx.dtype, ctx.grads = hidden.dtype, grads if early else None
+        if not early:
+            ctx.save_for_backward(hidden, weight, bias, lse_all)
+        return _reduce(ce_all, z_all, rows_all, plan.reduction)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.grads is not None:
+            gh, gw, gb = (None if g is None else g * grad for g in ctx.grads)
+        else:
+            gh, gw, gb = _recomputed_grads(ctx, grad)
+        if gh is not None and gh.shape[0]:
+            # The one collective of backward: each rank holds its slice's share of dL/dh.
+            dist.all_reduce(gh, group=ctx.plan.group)
+        gw = None if gw is None else gw.to(ctx.dtype)
+        gb = None if gb is None else gb.to(ctx.dtype)
+        return gh, gw, gb, None, None, None, None
+
+
+def _recomputed_grads(ctx, grad: Tensor) -> list[Tensor | None]:
+    """Backward of ``reduction="none"``: each chunk's logits again, the gradient of each row
+    scaled by its incoming gradient; no collective (the log-sum-exp was saved)."""
+    hidden, weight, bias, lse_all = ctx.saved_tensors
+    plan, rows_all, dtype = ctx.plan, ctx.rows, lse_all.dtype
+    grads = _grad_buffers(hidden, weight, ctx.needs, dtype)
+    a_all, b_all = _row_scales(grad.to(dtype), rows_all, plan.reduction)
+    for chunk, rows, x, t in _chunk_logits(hidden, weight, bias, rows_all, plan, dtype):
+        m, e = _exp_shifted(x)
+        lse, a, b = lse_all[chunk], a_all[chunk], b_all[chunk]
+        d = _slice_grad(e, m, t, lse, a, b, rows, ctx.w_local, plan)
+        _accumulate(grads, d.to(hidden.dtype), hidden[chunk], weight, chunk)
+    return grads
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    *,
+    process_group=None,
+) -> Tensor:
+    r"""The LM head and the loss with the classifier's rows (the vocabulary) split over ranks.
+
+    Equals ``xentkit.linear_cross_entropy(input, full_weight, target, full_bias, ...)`` where
+    ``full_weight`` stacks the ranks' slices in rank order; no rank ever holds more than
+    ``chunk_size x V_r`` logits. :func:`xentkit.linear_cross_entropy` with
+    ``process_group=group`` calls this.
+
+    .. math:: \ell_i = \mathrm{CE}ig([\,W_0 h_i + b_0;\ \dots;\ W_{R-1} h_i + b_{R-1}\,],
+              t_iig)
+
+    Forward runs ``1 + ceil(M / chunk_size)`` collectives (a small check, then one
+    ``all_gather`` of ``(chunk, 2 or 3)`` statistics per chunk); backward runs one
+    ``all_reduce`` of the ``(M, D)`` gradient of ``input`` (none when it needs no gradient),
+    so do not all-reduce that gradient again (e.g. with Megatron's
+    ``copy_to_tensor_model_parallel_region``). The weight and bias gradients are local.
+
+    Args:
+        input: ``(..., D)`` hidden states, the same on every rank.
+        weight: ``(V_r, D)`` this rank's rows of the classifier, rank ``r`` holding classes
+            ``[sum of lower ranks' V_r, ... + V_r)``; ``V_r`` may differ between ranks.
+        target: ``(...)`` global class ids in ``[0, V)`` or ``ignore_index``, the same on
+            every rank.
+        bias: optional ``(V_r,)`` slice of the bias.
+        class_weight: optional ``(V,)`` weights of *all* classes, the same on every rank.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`xentkit.cross_entropy`; the same on every rank.
+        chunk_size: tokens per chunk, the same on every rank; None gives about
+            ``CHUNK_ELEMENTS`` logits per chunk on the rank with the largest slice.
+        process_group: the tensor-parallel group; None for the default group.
+    Returns:
+        the target's shape for ``reduction="none"``, else a scalar; in ``input``'s dtype and
+        equal on every rank.
+
+    See also :func:`vocab_parallel_cross_entropy` for logits that already exist.
+    """
+    rank, world_size = _rank(process_group)
+    options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    grad_on = torch.is_grad_enabled()
+
+    def check() -> None:
+        _checks.check_linear(input, weight, target, bias)
+        if input.dtype not in _DTYPES:
+            raise ValueError(f"input must be float16/bfloat16/float32/float64, got {input.dtype}.")
+        _check_weight(class_weight, input.dtype, "class_weight")
+        _check_options(reduction, label_smoothing, z_loss, softcap)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+
+    def report() -> dict[str, int]:
+        backward = int(grad_on and input.requires_grad)
+        shard, dim = weight.shape[0], input.shape[-1]
+        return _report(
+            target, shard, dim, input.dtype, None, class_weight, options, backward, chunk_size
+        )
+
+    device = input.device if isinstance(input, Tensor) else "cpu"
+    reports = _agree(check, report, process_group, rank, world_size, device)
+    plan = _plan(reports, rank, world_size, process_group, options, chunk_size)
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (input, weight, bias))
+    hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
+    loss = _VocabParallelLinearCrossEntropy.apply(
+        hidden, weight, bias, labels, class_weight, plan, needs
+    )
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss.to(input.dtype)
