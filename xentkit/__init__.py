@@ -8,6 +8,7 @@ Example:
 """
 
 from xentkit import nn
+from xentkit.explain import explain
 from xentkit.functional import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
@@ -25,6 +26,7 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "explain",
     "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
