@@ -41,14 +41,24 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _row_max(x: Tensor, dim: int) -> Tensor:
+    """The maximum along ``dim`` (kept), detached: the shift that keeps ``exp`` from overflowing;
+    0 for rows that are all ``-inf`` (or have no element)."""
+    if x.shape[dim] == 0:
+        shape = list(x.shape)
+        shape[dim] = 1
+        return x.new_zeros(shape)
+    m = x.amax(dim=dim, keepdim=True).detach()
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+
 def _shift(x: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(m, x - m, log(sum(exp(x - m))))`` with :math:`m` the row maximum (kept dims).
 
     Subtracting :math:`m` first means no exponential overflows and the largest term is exactly
     1; a row that is all ``-inf`` uses :math:`m = 0` to avoid ``-inf - -inf``.
     """
-    m = x.amax(dim=dim, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    m = _row_max(x, dim)
     shifted = x - m
     return m, shifted, torch.log(torch.exp(shifted).sum(dim=dim, keepdim=True))
 
@@ -79,7 +89,7 @@ def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     r"""Softmax: :math:`e^{x_i - m} / \sum_j e^{x_j - m}`, with :math:`m = \max_j x_j`."""
-    e = torch.exp(x - x.amax(dim=dim, keepdim=True).detach())
+    e = torch.exp(x - _row_max(x, dim))
     return e / e.sum(dim=dim, keepdim=True)
 
 
