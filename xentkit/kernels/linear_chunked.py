@@ -133,7 +133,7 @@ class _Gradients:
     def __init__(self, problem: _Problem, needs: tuple[bool, bool, bool]) -> None:
         self.problem = problem
         hidden, weight, acc = problem.hidden, problem.weight, problem.acc
-        self.hidden = self.weight = self.bias = None
+        self.hidden = self.weight = self.bias = self._partial = None
         if needs[0]:
             # Ignored tokens are never visited, so their rows must start at zero.
             self.hidden = (torch.empty_like if problem.index is None else torch.zeros_like)(
@@ -254,37 +254,36 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
         needs = tuple(ctx.needs_input_grad[:3])
         loss, grads = _forward(problem, reduction, needs)
-        ctx.reduction = reduction
-        if reduction == "none":
-            ctx.problem = problem
-            # The inputs are saved through autograd so that in-place changes to them are caught.
-            ctx.save_for_backward(hidden, weight, bias)
-        else:
-            ctx.grads = grads
-            ctx.ce_denominator = problem.denominators(reduction)[0]
-            ctx.count = problem.count
+        ctx.problem, ctx.reduction = problem, reduction
+        ctx.grads = None if reduction == "none" else grads
+        # Saved through autograd so that a backward which reads the inputs again notices
+        # in-place changes to them.
+        ctx.save_for_backward(hidden, weight, bias)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         needs = tuple(ctx.needs_input_grad[:3])
+        problem = ctx.problem
         if ctx.reduction == "none":
             ctx.saved_tensors  # noqa: B018 (raises if an input was modified in place)
-            grads = _backward_per_token(ctx.problem, grad_output, needs)
-        else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "linear_cross_entropy computes its gradients in the forward pass and hands "
-                    "them over on the first backward; to differentiate again, run it again "
-                    "(retain_graph=True cannot reuse them)."
-                )
-            # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
-            scale = grad_output / ctx.ce_denominator if ctx.count else None
-            grads = ctx.grads.scaled(scale)
-            ctx.grads = None
-        return (*grads, None, None, None, None, None)
+            grads = _backward_per_token(problem, grad_output, needs)
+            return (*grads, None, None, None, None, None)
+        # The first backward takes the forward's buffers (no copy: autograd can adopt them as
+        # .grad); another one through the same graph (retain_graph=True) computes them again,
+        # the same way, so every backward gives the same bits.
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            ctx.saved_tensors  # noqa: B018
+            grads = _forward(problem, ctx.reduction, needs)[1]
+        # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
+        scale = grad_output / problem.denominators(ctx.reduction)[0] if problem.count else None
+        return (*grads.scaled(scale), None, None, None, None, None)
 
 
+# The chunk loop depends on how many tokens count; traced by torch.compile it would be unrolled
+# and recompiled for every new count. Compiled models call it eagerly: its work is in the GEMMs.
+@torch.compiler.disable
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -325,6 +324,13 @@ def linear_cross_entropy(
         ...                      0.0, None, None)
         tensor([0.4644, 0.1967])
     """
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"chunk_size must be a positive int (tokens per chunk) or None (chosen from V and "
+            f"D), got {chunk_size!r}."
+        )
     options = (ignore_index, label_smoothing, z_loss, softcap)
     params = (hidden, weight, bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
