@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import xentkit
-from xentkit.explain import LOSSES
+from xentkit.explain import LOSSES, OPTIONS
 
 DTYPES = {
     "float32": torch.float32,
@@ -170,12 +170,15 @@ def _explain(args: argparse.Namespace) -> int:
     elif target.dtype != torch.uint8:
         target = target.long()
     options: dict[str, Any] = {"reduction": args.reduction}
-    for key in ("ignore_index", "label_smoothing", "z_loss", "softcap"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    for key, text in (("weight", args.weight), ("pos_weight", args.pos_weight)):
-        if text is not None:
-            options[key] = load_tensor(text, f"--{key.replace('_', '-')}").to(logits.dtype)
+    for key in ("ignore_index", "label_smoothing", "z_loss", "softcap", "weight", "pos_weight"):
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if key not in OPTIONS[loss]:
+            takes = ", ".join("--" + k.replace("_", "-") for k in OPTIONS[loss])
+            raise UsageError(f"{flag} does not apply to --loss {args.loss}, which takes {takes}.")
+        is_tensor = key in ("weight", "pos_weight")
+        options[key] = load_tensor(value, flag).to(logits.dtype) if is_tensor else value
 
     explanation = xentkit.explain(
         logits,
@@ -597,13 +600,15 @@ def _check(args: argparse.Namespace) -> int:
         raise UsageError(f"--cases must be a positive number of cases, got {args.cases}.")
     # The tensors are tiny: extra intra-op threads only add synchronisation (4x slower on a
     # busy 2-core machine).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    results = [
-        run_case(case, args.seed + i)
-        for i, case in enumerate(check_cases(args.seed, args.cases, args.backend))
-    ]
-    elapsed = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        cases = check_cases(args.seed, args.cases, args.backend)
+        results = [run_case(case, args.seed + i) for i, case in enumerate(cases)]
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
 
     table = Table(
         title=f"xentkit vs torch.nn.functional, worst relative errors (seed {args.seed})",
@@ -645,9 +650,14 @@ def _check(args: argparse.Namespace) -> int:
 # bench
 
 
+def bench_script() -> Path:
+    """Where the benchmarks' entry point is in a source checkout (not in a wheel)."""
+    return Path(xentkit.__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
 def bench(argv: list[str]) -> int:
     """Run ``benchmarks/run.py`` of the source checkout with ``argv``, in this interpreter."""
-    script = Path(xentkit.__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    script = bench_script()
     if not script.is_file():
         print(
             f"xentkit bench: error: {script} not found. The benchmarks live in the source "

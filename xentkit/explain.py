@@ -101,8 +101,8 @@ class Explanation:
 
     def __repr__(self) -> str:
         return (
-            f"<Explanation {self.loss} = {self._value_text()} ({self.positions} positions, "
-            f"{len(self.warnings)} warnings)>"
+            f"<Explanation {self.loss} = {self._value_text()} "
+            f"({_count(self.positions, 'position')}, {_count(len(self.warnings), 'warning')})>"
         )
 
     def _cell(self, value: Any) -> str:
@@ -193,28 +193,41 @@ class Explanation:
             "warnings": self.warnings,
         }
 
-    def __rich__(self):
-        """A rich table (``rich.print(explanation)`` or the ``xentkit explain`` terminal view)."""
+    def __rich_console__(self, console, options):
+        """Rich rendering (``rich.print(explanation)``, the ``xentkit explain`` terminal view):
+        a table when it fits the terminal's width, one block per position when it does not."""
         from rich import box
-        from rich.console import Group
+        from rich.measure import Measurement
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-        for c in self.columns:
-            # vectors may wrap onto several lines; single numbers and labels never do
-            vector = bool(self.rows) and isinstance(self.rows[0].get(c), list)
-            table.add_column(c, no_wrap=not vector, min_width=min(len(c), 14))
-        for r in self.rows:
-            table.add_row(*(self._cell(r.get(c)) for c in self.columns))
-        parts: list[Any] = [Text(self.summary, style="bold")]
-        parts += [Text(n, style="dim") for n in self.notes]
-        parts += [table, *(Text(e, style="dim") for e in self._elided())]
-        parts += [Text(line, style="bold") for line in self._footer()]
+        yield Text(self.summary, style="bold")
+        yield from (Text(n, style="dim") for n in self.notes)
+        # Text, not str: rich would read "log p[target]" and vectors "[...]" as markup
+        cells = [[Text(self._cell(r.get(c))) for c in self.columns] for r in self.rows]
+        headers = [Text(c) for c in self.columns]
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+        for header in headers:
+            table.add_column(header, no_wrap=True)
+        for row in cells:
+            table.add_row(*row)
+        unbounded = options.update_width(1 << 20)  # Measurement clamps to the width it is given
+        if Measurement.get(console, unbounded, table).maximum <= options.max_width:
+            yield table
+        else:  # too wide for the terminal: each position as a column-name / value list
+            for row in cells:
+                block = Table.grid(padding=(0, 2))
+                block.add_column(style="cyan", no_wrap=True)
+                block.add_column()
+                for name, cell in zip(headers[1:], row[1:], strict=True):
+                    block.add_row(name, cell)
+                yield Text(str(row[0]), style="bold")
+                yield block
+        yield from (Text(e, style="dim") for e in self._elided())
+        yield from (Text(line, style="bold") for line in self._footer())
         if self.warnings:
-            parts.append(Text("Warnings:", style="bold yellow"))
-            parts += [Text(f"- {w}", style="yellow") for w in self.warnings]
-        return Group(*parts)
+            yield Text("Warnings:", style="bold yellow")
+            yield from (Text(f"- {w}", style="yellow") for w in self.warnings)
 
 
 def _number(v: float) -> str:
@@ -227,6 +240,10 @@ def _number(v: float) -> str:
     if v == 0 or 1e-3 <= abs(v) < 1e6:
         return f"{v:.4f}"
     return f"{v:.3e}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _json(v: Any) -> Any:
@@ -313,6 +330,7 @@ def explain(
                 raise
             raise _with_findings(error, found) from error
         parts = _BREAKDOWNS[name](input, target, options, max_rows, max_classes)
+    parts["computed"] = parts["computed"].reshape(value.shape)  # rows -> the loss's layout
     return Explanation(
         loss=name, notes=notes + parts.pop("notes"), value=value, warnings=found, **parts
     )
@@ -429,7 +447,9 @@ def _options_note(options: dict[str, Any], name: str) -> str:
     shown = [f"reduction={options['reduction']!r}"]
     for key, default in OPTIONS[name].items():
         value = options[key]
-        if key == "reduction" or value is None or (value == default and key != "weight"):
+        if key == "reduction" or value is None:
+            continue
+        if not isinstance(value, Tensor) and value == default:
             continue
         if isinstance(value, Tensor):
             flat = value.flatten()[:8].tolist()
@@ -500,7 +520,7 @@ def _cross_entropy(
     summary = (
         f"cross_entropy of input {tuple(input.shape)} (logits, classes in dim {cdim}, "
         f"C = {num_classes}) and target {tuple(target.shape)} ({kind}), "
-        f"{terms.loss.numel()} positions"
+        f"{_count(terms.loss.numel(), 'position')}"
     )
     notes = [_options_note(o, "cross_entropy")]
     if o["softcap"]:
@@ -510,7 +530,8 @@ def _cross_entropy(
         eps = o["label_smoothing"]
         notes.append(f"Label smoothing: loss = {1 - eps:g} * nll + {eps:g} * smoothing.")
     elif smoothed:
-        notes.append(f"Targets smoothed first: y' = (1 - {o['label_smoothing']:g}) y + ε / C.")
+        eps = o["label_smoothing"]
+        notes.append(f"Targets smoothed first: y' = {1 - eps:g} y + {eps:g} / C.")
     if o["weight"] is not None and not index:
         notes.append("Class weights scale each class's term: loss = -Σ w y log p.")
     if z:
@@ -575,7 +596,7 @@ def _nll_loss(
     summary = (
         f"nll_loss of input {tuple(input.shape)} (log-probabilities, classes in dim {cdim}, "
         f"C = {num_classes}) and target {tuple(target.shape)} (class indices), "
-        f"{terms.loss.numel()} positions"
+        f"{_count(terms.loss.numel(), 'position')}"
     )
     return {
         "summary": summary,
@@ -646,7 +667,7 @@ def _binary(
     kind = "logits" if logits else "probabilities"
     summary = (
         f"{name} of input {tuple(input.shape)} ({kind}) and target {tuple(target.shape)}, "
-        f"elementwise: {input.numel()} positions"
+        f"elementwise: {_count(input.numel(), 'position')}"
     )
     notes = [_options_note(o, name)]
     if logits and o["pos_weight"] is not None:
@@ -804,8 +825,9 @@ def _target_form(
 ) -> list[str]:
     """One-hot targets, and class indices stored as floats."""
     argmax = f"target.argmax(dim={cdim})"
-    if target.shape == input.shape and input.shape[cdim] > 0:
-        if not _one_hot_rows(target, cdim):
+    if target.shape == input.shape:
+        # with a single class every probability row is [1.0]: one-hot by necessity
+        if input.shape[cdim] < 2 or not _one_hot_rows(target, cdim):
             return []
         evidence = f"every one of the {target.numel() // input.shape[cdim]} target rows is "
         evidence += f"one-hot ({target.dtype}, a single 1)"
@@ -834,8 +856,9 @@ def _target_form(
         finite = target[torch.isfinite(target)]
         if finite.numel() == target.numel() and bool((finite == finite.round()).all()):
             some = " ".join(_number(v) for v in target.flatten()[:5].tolist())
+            some += " …" if target.numel() > 5 else ""
             return [
-                f"target holds whole numbers stored as {target.dtype} ({some} …): class "
+                f"target holds whole numbers stored as {target.dtype} ({some}): class "
                 "indices must be integers; pass target.long()."
             ]
     return []
