@@ -211,9 +211,11 @@ def _check_equivalence(model: nn.Module) -> None:
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        # Outside any autocast the caller is in: this checks the architecture, not precision.
+        with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
             expected = model(input_ids=ids, labels=labels, return_dict=True)
             hidden = _decoder(model)(input_ids=ids)[0]
+            logits = reference.apply_softcap(head(hidden).float(), _softcap(model))
             _install(model, {})
             try:
                 loss = model(input_ids=ids, labels=labels, return_dict=True).loss
@@ -222,7 +224,6 @@ def _check_equivalence(model: nn.Module) -> None:
     finally:
         for module, mode in training.items():
             module.training = mode
-    logits = reference.apply_softcap(head(hidden).float(), _softcap(model))
     theirs = expected.logits.float()
     # float32 matmuls in a different order differ by ~1e-6; half precision by its rounding.
     tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
@@ -233,9 +234,9 @@ def _check_equivalence(model: nn.Module) -> None:
         raise ValueError(
             f"{name}'s logits are not lm_head(hidden states)"
             + (" soft-capped by config.final_logit_softcapping" if _softcap(model) else "")
-            + f" (shapes {tuple(theirs.shape)} and {tuple(logits.shape)}; the architecture scales"
-            " or slices its logits): the fused loss would train a different model. Leave it "
-            "unpatched, or pass check=False if you know the difference does not matter."
+            + " on a check batch: the architecture scales, shifts or slices them, so the fused "
+            "loss would train a different model. Leave it unpatched, or pass check=False if you "
+            "know the difference does not matter."
         )
     if not torch.allclose(loss.float(), expected.loss.float(), rtol=tol, atol=tol):
         raise ValueError(
