@@ -1,0 +1,75 @@
+"""Suite ``ce``: plain cross entropy with index targets, forward + backward, on ``(N, V)`` logits.
+
+Providers (each one call of forward and backward through ``torch.autograd.grad``):
+
+- ``xentkit``: ``xentkit.cross_entropy`` with its default backend (``xentkit:NAME`` forces one);
+- ``xentkit-inplace``: the same with ``inplace_backward=True`` (the gradient overwrites the
+  logits, so its peak should be near zero);
+- ``torch``: ``torch.nn.functional.cross_entropy`` in eager mode, the reference of the ratios;
+- ``torch.compile``: the same function compiled (``dynamic=False``; compilation is in the first
+  call's time);
+- ``floor``: one ``clone()`` of the logits, the least any loss that writes an ``N x V`` gradient
+  can do (read once, write once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import xentkit
+from benchmarks.harness import Bench, Shape, Suite, split_backend
+
+
+def case_label(shape: Shape) -> str:
+    """``N=4096 V=32768``: the hidden size plays no part in plain cross entropy."""
+    return f"N={shape.n} V={shape.v}"
+
+
+def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str) -> Bench:
+    """Random logits and targets, and the step of ``provider`` on them."""
+    name, backend = split_backend(provider)
+    logits = torch.randn(shape.n, shape.v, dtype=dtype)
+    target = torch.randint(shape.v, (shape.n,))
+    inputs_bytes = logits.nbytes + target.nbytes
+    if name == "floor":
+        return Bench(logits.clone, inputs_bytes)
+    logits.requires_grad_(True)
+    if name in ("xentkit", "xentkit-inplace"):
+        inplace = name == "xentkit-inplace"
+
+        def loss() -> torch.Tensor:
+            return xentkit.cross_entropy(logits, target, backend=backend, inplace_backward=inplace)
+
+    elif name == "torch":
+
+        def loss() -> torch.Tensor:
+            return F.cross_entropy(logits, target)
+
+    elif name == "torch.compile":
+        compiled = torch.compile(F.cross_entropy, dynamic=False, backend=compile_backend)
+
+        def loss() -> torch.Tensor:
+            return compiled(logits, target)
+
+    else:
+        raise ValueError(f"unknown provider {provider!r} for suite ce")
+    return Bench(lambda: torch.autograd.grad(loss(), logits), inputs_bytes)
+
+
+SUITE = Suite(
+    name="ce",
+    title="Cross entropy, forward + backward, index targets",
+    function="cross_entropy",
+    build=build,
+    case_label=case_label,
+    providers=("xentkit", "xentkit-inplace", "torch", "torch.compile", "floor"),
+    shapes=(Shape(4096, 1024, 32768), Shape(4096, 1024, 128256)),
+    # Sizes that no power-of-two chunk divides, so the harness runs the kernels' tails too.
+    quick_shapes=(Shape(64, 16, 256), Shape(37, 16, 1000)),
+    dtypes=("float32", "bfloat16"),
+    repeats=10,
+    floor="floor",
+    floor_text="one clone() of the logits",
+    compiled=frozenset({"torch.compile"}),
+)

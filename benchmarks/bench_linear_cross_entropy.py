@@ -1,0 +1,94 @@
+"""Suite ``linear``: the LM head and the loss, ``cross_entropy(h @ W.T, target)``, forward +
+backward to both ``h`` ``(N, D)`` and ``W`` ``(V, D)``.
+
+Providers (each one call of forward and backward through ``torch.autograd.grad``):
+
+- ``xentkit``: ``xentkit.linear_cross_entropy`` with its default backend (``xentkit:NAME``
+  forces one);
+- ``torch``: ``F.cross_entropy(F.linear(h, W), target)`` in eager mode, the reference of the
+  ratios; it holds the ``N x V`` logits and their gradient;
+- ``torch.compile``: the same function compiled (``dynamic=False``);
+- ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy(h, W, target,
+  impl="torch_compile")`` when the ``cut-cross-entropy`` package is installed, skipped with a
+  note otherwise;
+- ``floor``: the three matrix products no implementation can avoid, ``logits = h @ W.T``,
+  ``grad_h = g @ W`` and ``grad_W = g.T @ h`` (with ``g`` a given ``N x V`` gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import xentkit
+from benchmarks.harness import Bench, Shape, Skip, Suite, split_backend
+
+
+def case_label(shape: Shape) -> str:
+    """``N=4096 D=1024 V=32768``."""
+    return f"N={shape.n} D={shape.d} V={shape.v}"
+
+
+def _torch_loss(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, w), target)
+
+
+def _cce_loss():
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as error:
+        raise Skip(
+            f"cut-cross-entropy is not importable ({error}); "
+            "`pip install --no-deps cut-cross-entropy` adds the CCE row"
+        ) from error
+
+    def loss(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(h, w, target, impl="torch_compile")
+
+    return loss
+
+
+def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str) -> Bench:
+    """Random hidden states, a classifier scaled like an initialised ``nn.Linear``, targets,
+    and the step of ``provider`` on them."""
+    name, backend = split_backend(provider)
+    h = torch.randn(shape.n, shape.d, dtype=dtype)
+    w = (torch.randn(shape.v, shape.d) / shape.d**0.5).to(dtype)
+    target = torch.randint(shape.v, (shape.n,))
+    inputs_bytes = h.nbytes + w.nbytes + target.nbytes
+    if name == "floor":
+        g = torch.randn(shape.n, shape.v, dtype=dtype)
+        return Bench(lambda: (h @ w.T, g @ w, g.T @ h), inputs_bytes + g.nbytes)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    if name == "xentkit":
+
+        def loss_fn(h, w, target):
+            return xentkit.linear_cross_entropy(h, w, target, backend=backend)
+
+    elif name == "torch":
+        loss_fn = _torch_loss
+    elif name == "torch.compile":
+        loss_fn = torch.compile(_torch_loss, dynamic=False, backend=compile_backend)
+    elif name == "cce":
+        loss_fn = _cce_loss()
+    else:
+        raise ValueError(f"unknown provider {provider!r} for suite linear")
+    return Bench(lambda: torch.autograd.grad(loss_fn(h, w, target), (h, w)), inputs_bytes)
+
+
+SUITE = Suite(
+    name="linear",
+    title="Linear cross entropy (LM head + loss), forward + backward",
+    function="linear_cross_entropy",
+    build=build,
+    case_label=case_label,
+    providers=("xentkit", "torch", "torch.compile", "cce", "floor"),
+    shapes=(Shape(4096, 1024, 32768), Shape(4096, 1024, 128256)),
+    quick_shapes=(Shape(64, 32, 256), Shape(37, 24, 1000)),
+    dtypes=("float32", "bfloat16"),
+    repeats=5,
+    floor="floor",
+    floor_text="the three matrix products h @ W.T, g @ W and g.T @ h",
+    compiled=frozenset({"torch.compile", "cce"}),
+)

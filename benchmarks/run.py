@@ -1,0 +1,328 @@
+"""``xentkit bench``: xentkit against PyTorch and its peers, side by side, in one run.
+
+Examples::
+
+    python benchmarks/run.py                  # the full default suite (what `make bench` runs)
+    python benchmarks/run.py --quick          # tiny shapes, seconds: checks the harness
+    python benchmarks/run.py --suite ce --dtypes float32 --shapes 8192x1024x32768
+    python benchmarks/run.py --report-only    # tables, plots and RESULTS.md from the JSON
+
+Each suite's rows go to ``OUT/<suite>.json`` as soon as the suite ends; then the terminal
+tables, one PNG per suite (``OUT/<suite>.png``) and ``RESULTS.md`` are made from every suite's
+JSON in ``OUT``. How each row is measured: :mod:`benchmarks.harness`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, only ``benchmarks/`` is on the path: make the repository's packages
+# (``benchmarks`` and the ``xentkit`` being measured) importable, first.
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn  # noqa: E402
+
+from benchmarks import (  # noqa: E402
+    bench_cross_entropy,
+    bench_linear_cross_entropy,
+    bench_scale,
+    harness,
+    plot,
+    report,
+)
+from benchmarks.harness import Job, Shape, Suite  # noqa: E402
+from benchmarks.machine import machine_info  # noqa: E402
+from xentkit.functional import BACKENDS  # noqa: E402
+
+SUITES: dict[str, Suite] = {
+    suite.name: suite
+    for suite in (bench_cross_entropy.SUITE, bench_linear_cross_entropy.SUITE, bench_scale.SUITE)
+}
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+DEFAULT_REPORT = ROOT / "benchmarks" / "RESULTS.md"
+# --quick checks the harness; its numbers mean nothing, so they never overwrite the real ones.
+QUICK_OUT = Path(tempfile.gettempdir()) / "xentkit-bench-quick"
+QUICK_REPEATS = 3
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "float64": "float64",
+    "fp64": "float64",
+}
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _suites(text: str) -> list[str]:
+    names = _list(text)
+    unknown = [name for name in names if name not in (*SUITES, "all")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown suite {', '.join(unknown) or text!r}: choose from "
+            f"{', '.join(SUITES)} or all, comma-separated"
+        )
+    return list(SUITES) if "all" in names else list(dict.fromkeys(names))
+
+
+def _shapes(text: str) -> list[Shape]:
+    try:
+        return [Shape.parse(item) for item in _list(text)]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _dtypes(text: str) -> list[str]:
+    unknown = [name for name in _list(text) if name.lower() not in DTYPES]
+    if unknown or not _list(text):
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {', '.join(unknown) or text!r}: choose from {', '.join(DTYPES)}"
+        )
+    return list(dict.fromkeys(DTYPES[name.lower()] for name in _list(text)))
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``xentkit bench`` / ``benchmarks/run.py``."""
+    p = argparse.ArgumentParser(
+        prog="xentkit bench",
+        description="Benchmark xentkit against torch eager, torch.compile, Apple's "
+        "cut-cross-entropy and the memory-bandwidth / matrix-product floor: forward + backward "
+        "time (median, p20, p80) and peak memory, one process per row.",
+        epilog="Suites: ce (plain cross entropy), linear (LM head + loss), scale (a linear "
+        "cross entropy the unfused path cannot fit in 24 GiB). Providers: xentkit, "
+        "xentkit:BACKEND, xentkit-inplace (ce), torch, torch.compile, cce (linear, scale), "
+        "floor (ce, linear).",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes and 3 repeats, without the compiled peers unless --providers names "
+        f"them: checks the harness in seconds; writes to {QUICK_OUT} unless --out is given",
+    )
+    p.add_argument("--suite", type=_suites, default=list(SUITES), help="ce, linear, scale or all")
+    p.add_argument(
+        "--shapes",
+        type=_shapes,
+        help="comma-separated NxDxV (tokens x hidden size x vocabulary), e.g. 4096x1024x32768; "
+        "replaces the shapes of every selected suite (ce ignores D)",
+    )
+    p.add_argument("--dtypes", type=_dtypes, help="comma-separated, e.g. float32,bfloat16")
+    p.add_argument(
+        "--providers", type=_list, help="comma-separated subset, in the order to run them"
+    )
+    p.add_argument(
+        "--repeats", type=_positive(int), help="timed calls per row (default: ce 10, linear 5)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=_positive(int),
+        default=1,
+        help="warm-up calls after the first call, the first of which measures peak memory",
+    )
+    p.add_argument("--out", type=Path, help=f"results directory (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--report",
+        type=Path,
+        help=f"RESULTS.md to write (default {DEFAULT_REPORT} with the default --out, "
+        "else OUT/RESULTS.md)",
+    )
+    p.add_argument(
+        "--mem-limit",
+        type=_positive(float),
+        metavar="GIB",
+        help="address-space cap of every row, in GiB (default: none, except the scale suite: "
+        "24 GiB or 95%% of the available memory if less)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=3600.0,
+        help="seconds a row may take before it is stopped and reported as a timeout",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the torch.compile rows (CCE always uses inductor)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: remake the tables, plots and RESULTS.md from the JSON in --out",
+    )
+    return p
+
+
+def _check_providers(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    for provider in args.providers or ():
+        _, backend = harness.split_backend(provider)
+        if backend is not None and backend not in BACKENDS:
+            p.error(
+                f"--providers: unknown xentkit backend {backend!r} in {provider!r}; "
+                f"choose from {', '.join(BACKENDS)}"
+            )
+        if not any(SUITES[suite].accepts(provider) for suite in args.suite):
+            p.error(
+                f"--providers: no selected suite ({', '.join(args.suite)}) has a provider "
+                f"{provider!r}; see --help for each suite's providers"
+            )
+
+
+def plan(args: argparse.Namespace, console: Console) -> dict[str, list[Job]]:
+    """The jobs of the run, by suite, in the order they will run."""
+    jobs: dict[str, list[Job]] = {}
+    for name in args.suite:
+        suite = SUITES[name]
+        providers = [p for p in (args.providers or suite.providers) if suite.accepts(p)]
+        if args.quick and not args.providers:
+            left_out = [p for p in providers if p in suite.compiled]
+            providers = [p for p in providers if p not in suite.compiled]
+            if left_out:
+                console.print(
+                    f"[yellow]note[/yellow] --quick leaves out {', '.join(left_out)} in {name} "
+                    "(compiling takes tens of seconds); name them in --providers to include them"
+                )
+        if args.mem_limit is not None:
+            mem_limit = int(args.mem_limit * 2**30)
+        else:
+            mem_limit = suite.mem_limit(args.quick)
+        repeats = args.repeats or (QUICK_REPEATS if args.quick else suite.repeats)
+        jobs[name] = [
+            Job(
+                suite=suite,
+                shape=shape,
+                dtype=dtype,
+                provider=provider,
+                repeats=1 if suite.single_shot else repeats,
+                warmup=args.warmup,
+                timeout=args.timeout,
+                compile_backend=args.compile_backend,
+                mem_limit=mem_limit,
+            )
+            for shape in args.shapes or (suite.quick_shapes if args.quick else suite.shapes)
+            for dtype in args.dtypes or suite.dtypes
+            for provider in providers
+        ]
+    return jobs
+
+
+def _summary(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"[red]{row['status']}[/red] {row['note']}"
+    peak = "—" if row["peak_mib"] is None else f"{row['peak_mib']:,.1f} MiB"
+    return (
+        f"{report.format_time(row['median'])} (p20–p80 {report.format_time(row['p20'])} – "
+        f"{report.format_time(row['p80'])}), peak {peak}, first call {row['first_call_s']:.2f} s"
+    )
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)  # a run stopped midway never leaves a truncated file
+
+
+def run_suites(jobs: dict[str, list[Job]], out: Path, command: str, console: Console) -> list:
+    """Runs every job under a progress bar; writes and returns each suite's results."""
+    machine = machine_info()
+    results = []
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # No auto-refresh: the bar is redrawn from this thread only, while it waits on a job.
+    with Progress(*columns, console=console, auto_refresh=False, transient=True) as progress:
+        task = progress.add_task("", total=sum(len(suite_jobs) for suite_jobs in jobs.values()))
+        for name, suite_jobs in jobs.items():
+            rows = []
+            for job in suite_jobs:
+                progress.update(task, description=job.title)
+                progress.refresh()
+                row = harness.run(job, tick=progress.refresh)
+                rows.append(row)
+                progress.console.print(f"{job.title}: {_summary(row)}")
+                progress.advance(task)
+                progress.refresh()
+            suite = SUITES[name]
+            limit = suite_jobs[0].mem_limit if suite_jobs else None
+            data = {
+                "suite": name,
+                "title": suite.title,
+                "reference": suite.reference,
+                "floor": suite.floor,
+                "floor_text": suite.floor_text,
+                "providers": list(dict.fromkeys(job.provider for job in suite_jobs)),
+                "command": command,
+                "machine": machine,
+                "settings": {
+                    "repeats": suite_jobs[0].repeats if suite_jobs else None,
+                    "warmup": 0 if suite.single_shot else suite_jobs[0].warmup if suite_jobs else 0,
+                    "mem_limit_gib": None if limit is None else round(limit / 2**30, 2),
+                    "timeout_s": suite_jobs[0].timeout if suite_jobs else None,
+                    "compile_backend": suite_jobs[0].compile_backend if suite_jobs else None,
+                },
+                "rows": rows,
+            }
+            _write_json(data, out / f"{name}.json")
+            results.append(data)
+    return results
+
+
+def write_outputs(out: Path, report_path: Path, console: Console) -> None:
+    """Plots and RESULTS.md from every suite's JSON in ``out``."""
+    results = report.load(out)
+    if not results:
+        console.print(f"[red]no results JSON in {out}[/red]")
+        return
+    plots = {data["suite"]: plot.plot_suite(data, out / f"{data['suite']}.png") for data in results}
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report.markdown(results, plots, report_path))
+    console.print(f"wrote {', '.join(str(p) for p in plots.values())} and {report_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmarks; returns 1 when a row failed with an error (not OOM), else 0."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    p = parser()
+    args = p.parse_args(arguments)
+    _check_providers(args, p)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: room for the tables rather than 80 columns
+        console.width = max(console.width, 150)
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    report_path = args.report or (DEFAULT_REPORT if out == DEFAULT_OUT else out / "RESULTS.md")
+    if args.report_only:
+        for data in report.load(out):
+            report.print_suite(data, console)
+        write_outputs(out, report_path, console)
+        return 0
+    command = shlex.join(["python", "benchmarks/run.py", *arguments])
+    results = run_suites(plan(args, console), out, command, console)
+    for data in results:
+        report.print_suite(data, console)
+    write_outputs(out, report_path, console)
+    failed = any(row["status"] == "error" for data in results for row in data["rows"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
