@@ -13,7 +13,9 @@ Keyword-only extensions, after PyTorch's arguments, whose defaults keep PyTorch'
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import warnings
 from collections.abc import Callable
 
@@ -30,9 +32,9 @@ BACKENDS = ("reference", "chunked", "triton")
 # backend is the exact maths of :mod:`xentkit.reference` in torch ops.
 DEFAULT_BACKENDS = {
     ("cross_entropy", "cpu"): "reference",
-    ("cross_entropy", "cuda"): "reference",
+    ("cross_entropy", "cuda"): "triton",
     ("linear_cross_entropy", "cpu"): "reference",
-    ("linear_cross_entropy", "cuda"): "reference",
+    ("linear_cross_entropy", "cuda"): "triton",
 }
 
 # Where each fused backend lives; modules are imported on first use, so Triton never is on CPU.
@@ -48,10 +50,17 @@ _KERNEL_MODULES = {
 }
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str | None, function: str, device: torch.device) -> str:
-    """The backend to run: ``backend`` when given, else the default for ``device``."""
+    """The backend to run: ``backend`` when given, else the default for ``device`` (where
+    that is ``"triton"`` and Triton is not installed, ``"chunked"``)."""
     if backend is None:
-        return DEFAULT_BACKENDS.get((function, device.type), "reference")
+        name = DEFAULT_BACKENDS.get((function, device.type), "reference")
+        return "chunked" if name == "triton" and not _triton_installed() else name
     if backend not in BACKENDS:
         raise ValueError(
             f"backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}."

@@ -1,0 +1,783 @@
+"""Triton kernels for CUDA: fused cross entropy and fused linear cross entropy.
+
+Two fast paths, each a ``torch.autograd.Function`` around Triton kernels:
+
+* :func:`cross_entropy` over ``(M, V)`` logits: one program per row sweeps the row twice,
+  first for the log-sum-exp (an online maximum and sum over vocabulary blocks) and the loss,
+  then for the gradient, which it writes in the forward pass (into the logits' own storage
+  with ``inplace_backward``); the backward pass only scales it by ``grad_output``.
+* :func:`linear_cross_entropy` of hidden states ``(M, D)`` and a classifier ``(V, D)``: the
+  forward kernel multiplies hidden-state tiles by classifier tiles and keeps only each row's
+  log-sum-exp and loss, never the ``M x V`` logits; the backward kernel recomputes the logit
+  tiles and accumulates the gradients of the input and of the weight in float32, skipping
+  tiles whose softmax values are all below ``filter_eps`` (as Apple's Cut Cross-Entropy does).
+
+The loss terms are those of :func:`xentkit.reference.cross_entropy_terms` and the reductions
+those of :func:`xentkit.reference.reduce_cross_entropy`; the tests hold both kernels to them.
+Sums are accumulated in float32 (float64 for float64 input).
+
+The kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` in the environment before Triton is
+first imported: then they run on CPU tensors through Triton's interpreter (slowly; that is
+how the tests run them without a GPU).
+
+Example:
+    >>> import torch
+    >>> from xentkit.kernels import triton as kernels
+    >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]], requires_grad=True)
+    >>> target = torch.tensor([2, 1])
+    >>> loss = kernels.cross_entropy(logits, target, None, -100, "mean", 0.0, 0.0, None, False)
+    >>> loss
+    tensor(0.3306, grad_fn=<_CrossEntropyBackward>)
+    >>> loss.backward()
+    >>> logits.grad
+    tensor([[ 0.1156,  0.0701, -0.1857],
+            [ 0.0337, -0.0893,  0.0556]])
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from xentkit import reference
+
+# The kernels below are Python functions run on CPU tensors, not compiled for a GPU, when
+# TRITON_INTERPRET was set as this module was imported (Triton decides at decoration time).
+INTERPRETED = triton.knobs.runtime.interpret
+
+# Vocabulary block of the cross-entropy kernel: a row is read in blocks of at most this many
+# logits (a power of two; smaller rows use one block rounded up to a power of two).
+CE_MAX_BLOCK_V = 8192
+
+# Tiles of the linear kernels, by the inputs' element size: rows (tokens), classes and hidden
+# features per step (tl.dot needs powers of two, at least 16), with 8 warps. Untuned (no GPU
+# was at hand): the largest tiles that compile for sm_90 without register spills to speak of.
+LINEAR_TILES = {2: (64, 64, 64), 4: (64, 64, 32), 8: (32, 64, 32)}
+LINEAR_WARPS = 8
+
+# The default of linear_cross_entropy's ``filter_eps``: float32's machine epsilon / 32
+# (2**-28), the value Cut Cross-Entropy's "auto" picks for float32.
+FILTER_EPS = torch.finfo(torch.float32).eps / 32
+
+# Order of the per-call constants the kernels load from one small tensor, in the accumulation
+# dtype (a float argument would reach the kernel as float32 whatever the data's dtype). Kernels
+# may only read globals that are tl.constexpr.
+_CE_SCALE, _Z_SCALE, _TOTAL_WEIGHT, _SMOOTHING, _Z_LOSS, _SOFTCAP = map(tl.constexpr, range(6))
+
+
+@triton.jit
+def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``softcap * tanh(x / softcap)``, with tanh as ``(1 - e) / (1 + e)``, ``e = exp(-2|y|)``:
+    it never overflows, and Triton's interpreter has no libdevice tanh."""
+    if HAS_SOFTCAP:
+        e = tl.exp(-2.0 * tl.abs(x) / softcap)
+        t = (1.0 - e) / (1.0 + e)
+        x = softcap * tl.where(x < 0, -t, t)
+    return x
+
+
+@triton.jit
+def _row_loss(lse, x_t, sum_wx, w_t, counted, consts_ptr, num_classes, HAS_SMOOTHING, HAS_Z):
+    r"""Per-row ``(ce, z)`` of :func:`xentkit.reference.cross_entropy_terms` from the row's
+    log-sum-exp, target logit, :math:`\sum_c w_c x'_c` and target weight:
+    :math:`\mathrm{ce} = (1-\varepsilon) w_t (\mathrm{lse} - x'_t)
+    + \tfrac{\varepsilon}{C} (W\,\mathrm{lse} - \sum_c w_c x'_c)`, :math:`z = z\,\mathrm{lse}^2`,
+    both 0 where the row is not counted."""
+    ce = w_t * (lse - x_t)
+    if HAS_SMOOTHING:
+        eps = tl.load(consts_ptr + _SMOOTHING)
+        total_w = tl.load(consts_ptr + _TOTAL_WEIGHT)
+        ce = (1 - eps) * ce + eps * (total_w * lse - sum_wx) / num_classes
+    z = tl.zeros_like(lse)
+    if HAS_Z:
+        z = tl.load(consts_ptr + _Z_LOSS) * lse * lse
+    return tl.where(counted, ce, 0.0), tl.where(counted, z, 0.0)
+
+
+@triton.jit
+def _logit_grad(
+    x, p, is_target, w, w_t, lse, a, b, consts_ptr, num_classes, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP
+):
+    r"""Gradient of :math:`a\,\mathrm{ce} + b\,z` with respect to the logits before softcap:
+
+    .. math:: p_j\big(a((1-\varepsilon)w_t + \varepsilon W / C) + 2 b z\,\mathrm{lse}\big)
+              - a\big((1-\varepsilon)\,w_t [j = t] + \varepsilon\, w_j / C\big)
+
+    times :math:`1 - (x'_j/c)^2` with a softcap (``x`` is the capped logit :math:`x'`)."""
+    if HAS_SMOOTHING:
+        eps = tl.load(consts_ptr + _SMOOTHING)
+        total_w = tl.load(consts_ptr + _TOTAL_WEIGHT)
+        target_w = (1 - eps) * w_t
+        grad = p * (a * (target_w + eps * total_w / num_classes)) - a * (eps * w / num_classes)
+        grad -= tl.where(is_target, a * target_w, 0.0)
+    else:
+        grad = p * (a * w_t) - tl.where(is_target, a * w_t, 0.0)
+    if HAS_Z:
+        grad += p * (2 * b * tl.load(consts_ptr + _Z_LOSS) * lse)
+    if HAS_SOFTCAP:
+        capped = x / tl.load(consts_ptr + _SOFTCAP)
+        grad *= 1 - capped * capped
+    return grad
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr,
+    logits_stride,
+    grad_ptr,
+    grad_stride,
+    target_ptr,
+    weight_ptr,
+    consts_ptr,
+    ce_ptr,
+    z_ptr,
+    num_classes,
+    ignore_index,
+    ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One row: its loss terms, then (``COMPUTE_GRAD``) its scaled gradient, possibly over the
+    logits themselves (``grad_ptr == logits_ptr``: each block is read before it is written)."""
+    # int64 offsets: M * V passes 2**31 at LM sizes.
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * logits_stride
+    softcap = tl.load(consts_ptr + _SOFTCAP)
+    target = tl.load(target_ptr + row)
+    counted = target != ignore_index
+    safe_target = tl.where(counted, target, 0)
+    x_t = _softcap(tl.load(logits_ptr + safe_target).to(ACC), softcap, HAS_SOFTCAP)
+    w_t = tl.where(counted, 1.0, 0.0).to(ACC)
+    if HAS_WEIGHT:
+        w_t *= tl.load(weight_ptr + safe_target).to(ACC)
+
+    # Sweep 1: online log-sum-exp. The running sum is rescaled whenever the running maximum
+    # grows; a maximum of -inf (nothing but -inf so far) is replaced by 0 so that
+    # exp(-inf - -inf) never makes a NaN, which leaves an all -inf row with lse = -inf.
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    sum_wx = tl.zeros((), ACC)
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < num_classes
+        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
+        x = tl.where(mask, _softcap(x, softcap, HAS_SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+        m = m_new
+        if HAS_SMOOTHING:
+            w = 1.0
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            sum_wx += tl.sum(w * tl.where(mask, x, 0.0), 0)  # masked x: -inf, w: 0
+    lse = m + tl.log(s)
+    ce, z = _row_loss(lse, x_t, sum_wx, w_t, counted, consts_ptr, num_classes, HAS_SMOOTHING, HAS_Z)
+    tl.store(ce_ptr + row, ce)
+    tl.store(z_ptr + row, z)
+
+    if COMPUTE_GRAD:
+        # Sweep 2: the gradient, already scaled by the reduction (1 / denominator for a mean).
+        grad_ptr += row * grad_stride
+        a = tl.load(consts_ptr + _CE_SCALE)
+        b = tl.load(consts_ptr + _Z_SCALE)
+        for start in range(0, num_classes, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < num_classes
+            x = _softcap(
+                tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP
+            )
+            w = 1.0
+            if HAS_WEIGHT and HAS_SMOOTHING:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            p = tl.exp(x - lse)
+            grad = _logit_grad(
+                x, p, cols == target, w, w_t, lse, a, b, consts_ptr, num_classes,
+                HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
+            )  # fmt: skip
+            # An ignored row has zero gradient, even where its logits make p NaN (all -inf).
+            grad = tl.where(counted, grad, 0.0)
+            tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``. ``UPCAST``: Triton 3.9's interpreter multiplies bfloat16 tiles as their
+    raw bits, so interpreted runs multiply them in float32 (exact: a product of two bfloat16
+    values fits in float32)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    h_stride,
+    w_ptr,
+    w_stride,
+    bias_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    dim,
+    softcap,
+    ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The ``(BLOCK_M, BLOCK_V)`` tile of capped logits ``softcap(h @ w.T + bias)`` in ``ACC``;
+    -inf in the columns past the vocabulary."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), ACC)
+    for start in range(0, dim, BLOCK_D):
+        ds = start + tl.arange(0, BLOCK_D)
+        d_mask = ds < dim
+        h = tl.load(
+            h_ptr + rows[:, None] * h_stride + ds[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * w_stride + ds[None, :],
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc = _dot(h, tl.trans(w), acc, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    return tl.where(col_mask[None, :], _softcap(acc, softcap, HAS_SOFTCAP), float("-inf"))
+
+
+@triton.jit
+def _linear_forward_kernel(
+    h_ptr,
+    h_stride,
+    w_ptr,
+    w_stride,
+    bias_ptr,
+    target_ptr,
+    class_weight_ptr,
+    consts_ptr,
+    lse_ptr,
+    ce_ptr,
+    z_ptr,
+    num_rows,
+    num_classes,
+    dim,
+    ignore_index,
+    ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``BLOCK_M`` rows: online log-sum-exp over vocabulary tiles; writes each row's lse and
+    loss terms, never the logits."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+    counted = (target != ignore_index) & row_mask
+    softcap = tl.load(consts_ptr + _SOFTCAP)
+
+    m = tl.full((BLOCK_M,), float("-inf"), ACC)
+    s = tl.zeros((BLOCK_M,), ACC)
+    x_t = tl.zeros((BLOCK_M,), ACC)
+    sum_wx = tl.zeros((BLOCK_M,), ACC)
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < num_classes
+        x = _logits_tile(
+            h_ptr, h_stride, w_ptr, w_stride, bias_ptr, rows, cols, row_mask, col_mask, dim,
+            softcap, ACC, HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        # As in the cross-entropy kernel; logits from a matmul are finite, so only the
+        # initial -inf needs the guard.
+        m_new = tl.maximum(m, tl.max(x, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+        m = m_new
+        x_t += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), 1)
+        if HAS_SMOOTHING:
+            w = 1.0
+            if HAS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            sum_wx += tl.sum(w * tl.where(col_mask[None, :], x, 0.0), 1)
+    lse = m + tl.log(s)
+    w_t = tl.where(counted, 1.0, 0.0).to(ACC)
+    if HAS_WEIGHT:
+        safe_target = tl.where(counted, target, 0)
+        w_t *= tl.load(class_weight_ptr + safe_target, mask=counted, other=0.0).to(ACC)
+    ce, z = _row_loss(lse, x_t, sum_wx, w_t, counted, consts_ptr, num_classes, HAS_SMOOTHING, HAS_Z)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(ce_ptr + rows, ce, mask=row_mask)
+    tl.store(z_ptr + rows, z, mask=row_mask)
+
+
+@triton.jit
+def _linear_backward_kernel(
+    h_ptr,
+    h_stride,
+    w_ptr,
+    w_stride,
+    bias_ptr,
+    target_ptr,
+    class_weight_ptr,
+    consts_ptr,
+    lse_ptr,
+    grad_out_ptr,
+    grad_out_stride,
+    grad_h_ptr,
+    grad_w_ptr,
+    grad_b_ptr,
+    num_rows,
+    num_classes,
+    dim,
+    ignore_index,
+    filter_eps,
+    ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_FILTER: tl.constexpr,
+    GRAD_H: tl.constexpr,
+    GRAD_W: tl.constexpr,
+    GRAD_B: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``BLOCK_M`` rows: recompute each logit tile, turn it into the tile of the logits'
+    gradient ``G`` and accumulate ``grad_h += G @ W`` (rows owned by this program) and
+    ``grad_w += G.T @ h``, ``grad_b += sum(G)`` (shared by all programs: atomic adds)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+    counted = (target != ignore_index) & row_mask
+    softcap = tl.load(consts_ptr + _SOFTCAP)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    # grad_output is (M,) for reduction "none" and a scalar seen with stride 0 otherwise.
+    g = tl.load(grad_out_ptr + rows * grad_out_stride, mask=row_mask, other=0.0).to(ACC)
+    a = tl.where(counted, tl.load(consts_ptr + _CE_SCALE) * g, 0.0)
+    b = tl.where(counted, tl.load(consts_ptr + _Z_SCALE) * g, 0.0)
+    w_t = tl.where(counted, 1.0, 0.0).to(ACC)
+    if HAS_WEIGHT:
+        safe_target = tl.where(counted, target, 0)
+        w_t *= tl.load(class_weight_ptr + safe_target, mask=counted, other=0.0).to(ACC)
+
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < num_classes
+        x = _logits_tile(
+            h_ptr, h_stride, w_ptr, w_stride, bias_ptr, rows, cols, row_mask, col_mask, dim,
+            softcap, ACC, HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        p = tl.where(counted[:, None], tl.exp(x - lse[:, None]), 0.0)
+        is_target = cols[None, :] == target[:, None]
+        keep = True
+        if HAS_FILTER:
+            # Cut Cross-Entropy's gradient filter: a tile whose softmax values are all below
+            # filter_eps and which holds no target adds nothing float32 can see.
+            significant = tl.where(is_target & counted[:, None], 1.0, p)
+            keep = tl.max(tl.max(significant, 1), 0) >= filter_eps
+        if keep:
+            w = 1.0
+            if HAS_WEIGHT and HAS_SMOOTHING:
+                w = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            # Past the vocabulary x is -inf, where the softcap's derivative would make NaNs.
+            x = tl.where(col_mask[None, :], x, 0.0)
+            grad = _logit_grad(
+                x, p, is_target, w, w_t[:, None], lse[:, None], a[:, None], b[:, None],
+                consts_ptr, num_classes, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
+            )  # fmt: skip
+            grad = tl.where(counted[:, None] & col_mask[None, :], grad, 0.0)
+            if GRAD_B:
+                tl.atomic_add(grad_b_ptr + cols, tl.sum(grad, 0), mask=col_mask)
+            # The matmuls take the gradient in the inputs' dtype, as an unfused backward would.
+            grad = grad.to(h_ptr.dtype.element_ty)
+            for d_start in range(0, dim, BLOCK_D):
+                ds = d_start + tl.arange(0, BLOCK_D)
+                d_mask = ds < dim
+                if GRAD_H:
+                    w_tile = tl.load(
+                        w_ptr + cols[:, None] * w_stride + ds[None, :],
+                        mask=col_mask[:, None] & d_mask[None, :],
+                        other=0.0,
+                    )
+                    offsets = rows[:, None] * dim + ds[None, :]
+                    tile_mask = row_mask[:, None] & d_mask[None, :]
+                    grad_h = tl.load(grad_h_ptr + offsets, mask=tile_mask, other=0.0)
+                    grad_h = _dot(grad, w_tile, grad_h, UPCAST, PRECISION)
+                    tl.store(grad_h_ptr + offsets, grad_h, mask=tile_mask)
+                if GRAD_W:
+                    h_tile = tl.load(
+                        h_ptr + rows[:, None] * h_stride + ds[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :],
+                        other=0.0,
+                    )
+                    grad_w = _dot(
+                        tl.trans(grad), h_tile, tl.zeros((BLOCK_V, BLOCK_D), ACC), UPCAST, PRECISION
+                    )
+                    tl.atomic_add(
+                        grad_w_ptr + cols[:, None] * dim + ds[None, :],
+                        grad_w,
+                        mask=col_mask[:, None] & d_mask[None, :],
+                    )
+
+
+def _check_device(*tensors: Tensor | None) -> None:
+    if INTERPRETED:
+        return
+    for t in tensors:
+        if t is not None and not t.is_cuda:
+            raise RuntimeError(
+                f"The Triton backend needs CUDA tensors, got a tensor on {t.device}. Move the "
+                "inputs to a GPU, use backend='chunked' on the CPU, or set TRITON_INTERPRET=1 "
+                "before Triton is first imported to run the kernels through its interpreter."
+            )
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _denominators(
+    target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The mean's two denominators, as in :func:`xentkit.reference.cross_entropy_terms`:
+    the sum of the counted rows' target weights (cross-entropy part) and their number (z part).
+    """
+    counted = target != ignore_index
+    if weight is None:
+        return counted.sum().to(acc), counted.sum().to(acc)
+    w_t = weight.to(acc)[torch.where(counted, target, 0)]
+    return torch.where(counted, w_t, 0.0).sum(), counted.sum().to(acc)
+
+
+def _constants(
+    reduction: str,
+    denominator: Tensor,
+    count: Tensor,
+    weight: Tensor | None,
+    num_classes: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> Tensor:
+    """The per-call constants the kernels load (see ``_CE_SCALE`` ...), in ``count``'s dtype:
+    the reduction's scales of the two parts of the gradient (1 unless ``mean``), the classes'
+    total weight and the options. Built on the device, so no value is synchronised to the host.
+    """
+    one = torch.ones((), dtype=count.dtype, device=count.device)
+    ce_scale, z_scale = (1 / denominator, 1 / count) if reduction == "mean" else (one, one)
+    total_w = one * num_classes if weight is None else weight.to(count.dtype).sum()
+    options = torch.tensor(
+        [label_smoothing, z_loss, 1.0 if softcap is None else softcap],
+        dtype=count.dtype,
+        device=count.device,
+    )
+    return torch.cat([torch.stack([ce_scale, z_scale, total_w]), options])
+
+
+def _reduce(ce: Tensor, z: Tensor, reduction: str, denominator: Tensor, count: Tensor) -> Tensor:
+    """:func:`xentkit.reference.reduce_cross_entropy` from the per-row terms."""
+    return reference.reduce(ce, reduction, denominator) + reference.reduce(z, reduction, count)
+
+
+def _ce_block(num_classes: int) -> tuple[int, int]:
+    """Vocabulary block and warps of the cross-entropy kernel."""
+    block = min(triton.next_power_of_2(num_classes), CE_MAX_BLOCK_V)
+    return block, 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float | None,
+        inplace_backward: bool,
+    ) -> Tensor:
+        num_rows, num_classes = logits.shape
+        acc = reference.accumulation_dtype(logits.dtype)
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        target = target.contiguous()
+        weight = None if weight is None else weight.contiguous()
+        denominator, count = _denominators(target, weight, ignore_index, acc)
+        consts = _constants(
+            reduction, denominator, count, weight, num_classes, label_smoothing, z_loss, softcap
+        )
+        ce = torch.empty(num_rows, dtype=acc, device=logits.device)
+        z = torch.empty_like(ce)
+        compute_grad = ctx.needs_input_grad[0]
+        grad = None
+        if compute_grad:
+            grad = logits if inplace_backward else torch.empty_like(logits)
+        if num_rows:
+            block, warps = _ce_block(num_classes)
+            _cross_entropy_kernel[(num_rows,)](
+                logits, logits.stride(0), logits if grad is None else grad,
+                logits.stride(0) if grad is None else grad.stride(0), target, weight, consts, ce,
+                z, num_classes, ignore_index, _tl_dtype(acc), weight is not None,
+                label_smoothing > 0, z_loss > 0, softcap is not None, compute_grad, block,
+                num_warps=warps,
+            )  # fmt: skip
+        ctx.reduction = reduction
+        ctx.inplace_backward = inplace_backward
+        ctx.consumed = False
+        ctx.save_for_backward(grad)
+        return _reduce(ce, z, reduction, denominator, count)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        if ctx.consumed:
+            raise RuntimeError(
+                "The gradient of the Triton cross entropy was already consumed: with "
+                "inplace_backward=True the forward pass allows one backward pass (it scales "
+                "the gradient in place); recompute the loss, or use inplace_backward=False."
+            )
+        scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
+        scale = scale.to(grad.dtype)
+        if ctx.inplace_backward:
+            # The gradient already lives in the logits' storage: scale it there, no new buffer.
+            ctx.consumed = True
+            grad = grad.mul_(scale)
+        else:
+            grad = grad * scale
+        return grad, None, None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    inplace_backward: bool,
+) -> Tensor:
+    r"""Fused cross entropy of ``(M, V)`` logits with index targets, in Triton.
+
+    .. math:: \ell_i = (1-\varepsilon)\,w_{t_i}(\mathrm{lse}_i - x'_{i,t_i})
+              + \tfrac{\varepsilon}{V}\sum_c w_c(\mathrm{lse}_i - x'_{i,c})
+              + z\,\mathrm{lse}_i^2
+
+    with :math:`x' = c \tanh(x / c)` under a softcap and :math:`\mathrm{lse}_i` the row's
+    log-sum-exp (:func:`xentkit.reference.cross_entropy_terms`). The kernel writes the gradient
+    of the reduced loss with respect to ``logits`` during the forward pass; backward multiplies
+    it by ``grad_output``, so it holds one ``(M, V)`` buffer between the two passes.
+
+    Args:
+        logits: ``(M, V)`` float logits (float32, float64, bfloat16 or float16); CUDA, or CPU
+            under ``TRITON_INTERPRET=1``.
+        target: ``(M,)`` int64 class indices in ``[0, V)`` or ``ignore_index``.
+        weight: optional ``(V,)`` class weights.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`xentkit.cross_entropy`.
+        inplace_backward: write the gradient into ``logits``' storage (its values are
+            destroyed) and scale it there in backward: no extra ``(M, V)`` buffer, and one
+            backward pass per forward pass.
+    Returns:
+        ``(M,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64 logits).
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> cross_entropy(logits, torch.tensor([2, -100]), None, -100, "none", 0.0, 0.0, None,
+        ...               False)
+        tensor([0.4644, 0.0000])
+
+    See also :func:`linear_cross_entropy`, :mod:`xentkit.kernels.chunked` (the CPU path).
+    """
+    _check_device(logits, target, weight)
+    return _CrossEntropy.apply(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        inplace_backward,
+    )  # fmt: skip
+
+
+def _linear_launch(hidden: Tensor) -> tuple[tuple[int], dict]:
+    """The grid of the linear kernels and the tile sizes and matmul options they all take."""
+    block_m, block_v, block_d = LINEAR_TILES[hidden.element_size()]
+    options = {
+        "ACC": _tl_dtype(reference.accumulation_dtype(hidden.dtype)),
+        "UPCAST": INTERPRETED and hidden.dtype == torch.bfloat16,
+        # float32 inputs are multiplied in float32, not TF32, as torch's matmul does by default.
+        "PRECISION": "ieee" if hidden.dtype in (torch.float32, torch.float64) else "tf32",
+        "BLOCK_M": block_m,
+        "BLOCK_V": block_v,
+        "BLOCK_D": block_d,
+        "num_warps": LINEAR_WARPS,
+    }
+    return (triton.cdiv(hidden.shape[0], block_m),), options
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        bias: Tensor | None,
+        class_weight: Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float | None,
+        filter_eps: float | None,
+    ) -> Tensor:
+        num_rows, dim = hidden.shape
+        num_classes = weight.shape[0]
+        acc = reference.accumulation_dtype(hidden.dtype)
+        hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        class_weight = None if class_weight is None else class_weight.contiguous()
+        denominator, count = _denominators(target, class_weight, ignore_index, acc)
+        consts = _constants(
+            reduction, denominator, count, class_weight, num_classes, label_smoothing, z_loss,
+            softcap,
+        )  # fmt: skip
+        lse = torch.empty(num_rows, dtype=acc, device=hidden.device)
+        ce, z = torch.empty_like(lse), torch.empty_like(lse)
+        flags = {
+            "HAS_BIAS": bias is not None,
+            "HAS_WEIGHT": class_weight is not None,
+            "HAS_SMOOTHING": label_smoothing > 0,
+            "HAS_Z": z_loss > 0,
+            "HAS_SOFTCAP": softcap is not None,
+        }
+        if num_rows:
+            grid, launch = _linear_launch(hidden)
+            _linear_forward_kernel[grid](
+                hidden, hidden.stride(0), weight, weight.stride(0), bias, target, class_weight,
+                consts, lse, ce, z, num_rows, num_classes, dim, ignore_index, **flags, **launch,
+            )  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, consts, lse)
+        ctx.options = (ignore_index, filter_eps if label_smoothing == 0 else None)
+        ctx.flags = flags
+        return _reduce(ce, z, reduction, denominator, count)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        hidden, weight, bias, target, class_weight, consts, lse = ctx.saved_tensors
+        ignore_index, filter_eps = ctx.options
+        num_rows, dim = hidden.shape
+        acc = lse.dtype
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_output = grad_output.to(acc).expand(num_rows)
+        if num_rows:
+            grid, launch = _linear_launch(hidden)
+            _linear_backward_kernel[grid](
+                hidden, hidden.stride(0), weight, weight.stride(0), bias, target, class_weight,
+                consts, lse, grad_output, grad_output.stride(0), grad_h, grad_w, grad_b,
+                num_rows, weight.shape[0], dim, ignore_index,
+                0.0 if filter_eps is None else filter_eps,
+                **ctx.flags, HAS_FILTER=filter_eps is not None, GRAD_H=need_h, GRAD_W=need_w,
+                GRAD_B=need_b, **launch,
+            )  # fmt: skip
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None,
+            None if grad_b is None else grad_b.to(bias.dtype),
+            *([None] * 7),
+        )
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    *,
+    filter_eps: float | None = FILTER_EPS,
+) -> Tensor:
+    r"""Fused ``cross_entropy(hidden @ weight.T + bias, target)`` in Triton, never holding the
+    ``(M, V)`` logits.
+
+    .. math:: \ell_i = \mathrm{lse}(W h_i + b) - (W h_i + b)_{t_i}
+              \quad\text{(and every option of :func:`cross_entropy`)}
+
+    The forward kernel keeps each row's log-sum-exp; the backward kernel recomputes the logits
+    tile by tile and accumulates ``grad_input`` and ``grad_weight`` in float32 (float64 for
+    float64 input).
+
+    Gradient filtering: with ``filter_eps`` set, backward skips a ``(rows, classes)`` tile
+    whose softmax values are all below ``filter_eps`` and which holds none of its rows'
+    targets, as Cut Cross-Entropy does. Every gradient entry it drops is below
+    ``filter_eps * |scale|`` (the reduction's scale times ``grad_output``), so each row of
+    ``grad_input`` moves by at most ``V * filter_eps * |scale| * max|weight|``; the default,
+    ``FILTER_EPS`` = 2**-28 (float32's machine epsilon / 32), keeps the result equal to the
+    unfiltered one to float32 rounding. Label smoothing adds a gradient that does not shrink
+    with the softmax, so it turns the filter off; ``filter_eps=None`` turns it off too.
+
+    Args:
+        hidden: ``(M, D)`` hidden states.
+        weight: ``(V, D)`` classifier, the layout of ``nn.Linear(D, V).weight``.
+        target: ``(M,)`` int64 class indices or ``ignore_index``.
+        bias: optional ``(V,)``.
+        class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`xentkit.cross_entropy`.
+        chunk_size: unused: the kernels work in fixed tiles (``LINEAR_TILES``).
+        filter_eps: the gradient filter's threshold, or None for none.
+    Returns:
+        ``(M,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
+        >>> linear_cross_entropy(h, w, torch.tensor([2, 1]), None, None, -100, "mean", 0.0,
+        ...                      0.0, None, None)
+        tensor(0.3306)
+
+    See also :func:`cross_entropy`, :func:`xentkit.linear_cross_entropy`.
+    """
+    _check_device(hidden, weight, target, bias, class_weight)
+    return _LinearCrossEntropy.apply(
+        hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
+        z_loss, softcap, filter_eps,
+    )  # fmt: skip
