@@ -7,12 +7,16 @@ EXTRAS  ?= dev,triton,transformers
 
 .PHONY: demo test bench lint format clean
 
+# Local wheels (the CPU build of torch on this project's machines) are used when present.
+WHEELS  := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+
+# uv installs torch in seconds where pip takes minutes; torch is pinned (constraints-dev.txt)
+# to the CPU build so no requirement pulls a CUDA build.
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned to the local CPU build, so no other requirement pulls a CUDA build.
-	$(BIN)/python -m pip install --quiet -c constraints-dev.txt torch
-	$(BIN)/python -m pip install --quiet -c constraints-dev.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(WHEELS) -c constraints-dev.txt \
+		-e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)
