@@ -386,6 +386,21 @@ def _row_scales(grad: Tensor, rows: _Targets, reduction: str) -> tuple[Tensor, T
     return torch.where(rows.counted, a, zero), torch.where(rows.counted, b, zero)
 
 
+def _unit_scales(rows: _Targets, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Row scales for gradients written before the incoming gradient is known: ``a``, ``b`` of
+    the *sum* of the cross-entropy parts and the z parts times ``den / z_den`` (the z-loss in
+    the cross-entropy part's units), and the factor ``unit`` that backward applies with the
+    incoming gradient (``1 / den`` for the mean). Gradients kept in half precision until then
+    stay clear of underflow."""
+    a = rows.counted.to(rows.weight.dtype)
+    if reduction != "mean":
+        return a, a, torch.ones((), dtype=a.dtype, device=a.device)
+    den = rows.weight.sum()
+    # With every row ignored the gradients are 0 (not 0 / 0), as in the reference.
+    unit = torch.where(rows.counted.any(), 1 / den, 0.0)
+    return a, torch.where(rows.counted, den / rows.counted.sum(), 0.0), unit
+
+
 def _slice_grad(e, m, t, lse, a, b, rows: _Targets, w_local, plan: _Plan) -> Tensor:
     """The gradient of the loss with respect to this slice's logits (the module docstring's
     formula), written over ``e = exp(x - m)``."""
@@ -585,8 +600,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         early = plan.reduction != "none" and any(needs)
         if early:
             grads = _grad_buffers(hidden, weight, needs, dtype)
-            one = torch.ones((), dtype=dtype, device=hidden.device)
-            a_all, b_all = _row_scales(one, rows_all, plan.reduction)
+            a_all, b_all, unit = _unit_scales(rows_all, plan.reduction)
         ce_all = torch.zeros(target.shape[0], dtype=dtype, device=hidden.device)
         z_all, lse_all = torch.zeros_like(ce_all), torch.zeros_like(ce_all)
         for chunk, rows, x, t in _chunk_logits(hidden, weight, bias, rows_all, plan, dtype):
@@ -598,7 +612,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 d = _slice_grad(e, m, t, lse, a_all[chunk], b_all[chunk], rows, w_local, plan)
                 _accumulate(grads, d.to(hidden.dtype), hidden[chunk], weight, chunk)
         ctx.plan, ctx.needs, ctx.rows, ctx.w_local = plan, needs, rows_all, w_local
-        ctx.dtype, ctx.grads = hidden.dtype, grads if early else None
+        ctx.dtype, ctx.grads = hidden.dtype, (grads, unit) if early else None
         if not early:
             ctx.save_for_backward(hidden, weight, bias, lse_all)
         return _reduce(ce_all, z_all, rows_all, plan.reduction)
@@ -606,7 +620,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         if ctx.grads is not None:
-            gh, gw, gb = (None if g is None else g * grad for g in ctx.grads)
+            grads, unit = ctx.grads
+            scale = grad.to(unit.dtype) * unit
+            gh, gw, gb = (None if g is None else (g * scale).to(g.dtype) for g in grads)
         else:
             gh, gw, gb = _recomputed_grads(ctx, grad)
         if gh is not None and gh.shape[0]:
