@@ -26,8 +26,8 @@ cross-entropy and z-loss parts, times :math:`1 - \tanh^2(x_c / s)` under a softc
 Collectives per call (all on ``group``; the targets and class weights are identical on every
 rank, so the mean's denominators need none):
 
-* :func:`vocab_parallel_cross_entropy`: forward 2 (a 17-integer ``all_gather`` that checks the
-  inputs, one ``(M, k)`` ``all_gather``), backward 0;
+* :func:`vocab_parallel_cross_entropy`: forward 2 (an ``all_gather`` of 18 integers that checks
+  the inputs, one ``(M, k)`` ``all_gather``), backward 0;
 * :func:`linear_cross_entropy`: forward ``1 + ceil(M / chunk_size)`` (the check, then one
   ``(chunk, k)`` ``all_gather`` per chunk of tokens: a chunk's gradient is written in the forward
   pass as soon as its global log-sum-exp is known, which costs one tiny collective per chunk
@@ -261,7 +261,9 @@ def _plan(reports, rank: int, world_size: int, group, options, chunk_size: int |
 
 
 def _shown(field: str, values: list[int]) -> list:
-    """Report values as the user wrote them."""
+    """Report values as the user wrote them (hashes only as equal to rank 0's or not)."""
+    if field.endswith("_hash"):
+        return ["as rank 0" if v == values[0] else "differs" for v in values]
     if field in ("label_smoothing", "z_loss", "softcap"):
         return [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
     if field == "dtype":
