@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 import xentkit
-from xentkit.explain import Explanation, explain
+from xentkit.explain import LOSSES, Explanation, explain
 
 LOGITS = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
 TARGET = torch.tensor([2, 1])
@@ -267,6 +267,35 @@ def test_clean_inputs_stay_quiet():
         assert not explain(logits, logits.softmax(1).flip(0)).warnings
         assert not explain(logits.sigmoid(), (logits > 1).float(), "bce").warnings
         assert not explain(logits, (logits > 0).float(), "bce-logits").warnings
+
+
+@given(
+    st.lists(st.integers(0, 3), max_size=3),
+    st.sampled_from(["same", "no classes", "no last", "other"]),
+    st.sampled_from([torch.float32, torch.float16, torch.long]),
+    st.sampled_from([torch.long, torch.float32, torch.uint8, torch.int32]),
+    st.sampled_from(["ce", "nll", "bce", "bce-logits"]),
+    st.booleans(),
+    st.integers(0, 99),
+)
+def test_raises_exactly_when_the_function_does(shape, form, dtype, tdtype, loss, probs, seed):
+    """Odd shapes and dtypes: explain returns when the function does, else raises its kind."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    tshape = {"same": shape, "no classes": shape[:1] + shape[2:], "no last": shape[:-1]}
+    tshape = tshape.get(form, tuple(reversed(shape)))
+    x = torch.randn(shape, generator=g).to(dtype)
+    if probs and x.dim() and x.is_floating_point():
+        x = x.softmax(-1)
+    t = torch.randint(-1, 4, tshape, generator=g).to(tdtype)
+    function = getattr(xentkit, LOSSES[loss])
+    try:
+        expected = function(x, t)
+    except Exception as error:
+        with pytest.raises(type(error)):
+            explain(x, t, loss)
+    else:
+        assert torch.equal(explain(x, t, loss).value, expected) or expected.isnan().any()
 
 
 def test_errors_without_findings_are_the_functions_own():

@@ -53,9 +53,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "binary_cross_entropy_with_logits": {"weight": None, "reduction": "mean", "pos_weight": None},
 }
 
-# Tolerance for "this row sums to 1" / "this row's logsumexp is 0": loose enough for float16
-# rows of a few thousand classes, far tighter than anything random logits come near.
-_NORMALIZED_TOL = 1e-3
+# Tolerance for "this row sums to 1" / "this row's logsumexp is 0" with float16/bfloat16
+# input (1e-4 otherwise): loose enough for rounded rows of a few thousand classes, far tighter
+# than anything random logits come near.
+_HALF_TOL = 1e-3
 
 
 @dataclass
@@ -714,7 +715,7 @@ def _mistakes(name: str, input: Tensor, target: Tensor, o: dict[str, Any]) -> li
     found = []
     if input.shape[cdim] > 0:
         rows = class_rows(input, cdim).to(torch.float64)
-        tol = _NORMALIZED_TOL if input.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        tol = _HALF_TOL if input.dtype in (torch.float16, torch.bfloat16) else 1e-4
         check = _normalized_as_logits if name == "cross_entropy" else _not_log_probabilities
         found += check(rows, tol)
     found += _transposed(input, target, o["ignore_index"])
@@ -874,7 +875,7 @@ def _one_based(input: Tensor, target: Tensor, cdim: int, ignore_index: int) -> l
     counted = target[target != ignore_index]
     if counted.numel() == 0:
         return []
-    num_classes, lo, hi, n = input.shape[cdim], int(counted.min()), int(counted.max()), 0
+    num_classes, lo, hi = input.shape[cdim], int(counted.min()), int(counted.max())
     if lo >= 1 and hi == num_classes:
         return [
             f"labels look 1-based: the targets run from {lo} to {hi} = C, but the classes are "
