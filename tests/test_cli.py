@@ -134,6 +134,7 @@ def test_literals_and_dtypes():
     x = cli.load_tensor("[[-inf, nan, Infinity, 1e3]]", "LOGITS")
     assert x.shape == (1, 4) and x[0, 0] == -float("inf") and x[0, 1].isnan()
     assert cli.load_tensor("3", "TARGETS").shape == ()
+    assert cli.load_tensor("[0.1]", "LOGITS", torch.float64).item() == 0.1  # parsed, not cast
 
 
 def test_explain_options(capsys):

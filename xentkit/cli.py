@@ -161,13 +161,13 @@ def _explain(args: argparse.Namespace) -> int:
     loss = LOSSES[args.loss]
     index_targets = loss in ("cross_entropy", "nll_loss")
     dtype = DTYPES[args.dtype] if args.dtype else None
-    logits = load_tensor(args.logits, "LOGITS")
+    logits = load_tensor(args.logits, "LOGITS", dtype or torch.float32)
     if dtype is not None or not logits.is_floating_point():
         logits = logits.to(dtype or torch.float32)
-    target = load_tensor(args.targets, "TARGETS")
-    if not (index_targets and not target.is_floating_point()):
+    target = load_tensor(args.targets, "TARGETS", logits.dtype)
+    if not index_targets or target.is_floating_point():
         target = target.to(logits.dtype)
-    elif target.dtype != torch.uint8:
+    elif target.dtype != torch.uint8:  # torch takes Byte indices as they are
         target = target.long()
     options: dict[str, Any] = {"reduction": args.reduction}
     for key in ("ignore_index", "label_smoothing", "z_loss", "softcap", "weight", "pos_weight"):
@@ -178,7 +178,9 @@ def _explain(args: argparse.Namespace) -> int:
             takes = ", ".join("--" + k.replace("_", "-") for k in OPTIONS[loss])
             raise UsageError(f"{flag} does not apply to --loss {args.loss}, which takes {takes}.")
         is_tensor = key in ("weight", "pos_weight")
-        options[key] = load_tensor(value, flag).to(logits.dtype) if is_tensor else value
+        options[key] = (
+            load_tensor(value, flag, logits.dtype).to(logits.dtype) if is_tensor else value
+        )
 
     explanation = xentkit.explain(
         logits,
@@ -209,9 +211,9 @@ _NON_FINITE = [
 ]
 
 
-def load_tensor(text: str, what: str) -> Tensor:
-    """A tensor from a JSON-like literal or a ``.pt``/``.npy`` file; whole numbers written
-    without a decimal point give an integer tensor, anything else float32.
+def load_tensor(text: str, what: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A tensor from a JSON-like literal or a ``.pt``/``.npy`` file (which keeps its dtype).
+    Whole numbers written without a decimal point give a long tensor, other literals ``dtype``.
 
     Example:
         >>> load_tensor("[[1, 0.5], [inf, 2]]", "LOGITS")
@@ -231,7 +233,7 @@ def load_tensor(text: str, what: str) -> Tensor:
         if not _numbers_only(value):
             raise ValueError("only numbers and nested lists are allowed")
         is_int = _integers_only(value)
-        return torch.tensor(value, dtype=torch.long if is_int else torch.float32)
+        return torch.tensor(value, dtype=torch.long if is_int else dtype)
     except (ValueError, TypeError, RuntimeError) as error:
         raise UsageError(
             f'{what} {text!r} is neither a JSON list of numbers (e.g. "[[1, 0.5, 2], [0.5, '
