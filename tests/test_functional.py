@@ -345,3 +345,9 @@ def test_probability_targets_promote_dtypes_like_torch():
         want = F.cross_entropy(x, target, weight)
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_classes_all_ignored_matches_torch():
+    x, t = torch.zeros(2, 0, requires_grad=True), torch.tensor([-100, -100])
+    assert_close(xentkit.cross_entropy(x, t), F.cross_entropy(x, t))
+    assert_close(xentkit.nll_loss(x, t, reduction="sum"), F.nll_loss(x, t, reduction="sum"))

@@ -86,11 +86,9 @@ def class_dim(input: Tensor) -> int:
 def check_index_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
     """Shape, dtype and range of class-index targets for an input laid out as torch does."""
     if target.dtype not in (torch.long, torch.uint8):
-        fix = (
-            "target.argmax(dim) turns one-hot rows into indices"
-            if target.is_floating_point()
-            else "target.long() converts it"
-        )
+        fix = "target.long() converts it"
+        if target.is_floating_point() and target.dim() == input.dim():
+            fix = "target.argmax(dim) turns one-hot rows into indices"
         raise RuntimeError(
             f"expected target dtype to be Long or Byte, but got {_dtype(target)}: class-index "
             f"targets must be integers; {fix}. (Probability targets must have the input's "

@@ -21,7 +21,9 @@ class Rows(NamedTuple):
 
 def class_rows(x: Tensor, class_dim: int) -> Tensor:
     """``(..., C, ...)`` with the classes at ``class_dim`` to ``(M, C)`` (a view when it can be)."""
-    return x.movedim(class_dim, -1).reshape(-1, x.shape[class_dim])
+    moved = x.movedim(class_dim, -1)
+    # an explicit row count, since -1 cannot be inferred when there are no classes
+    return moved.reshape(moved.shape[:-1].numel(), x.shape[class_dim])
 
 
 def to_rows(input: Tensor, target: Tensor, class_dim: int) -> Rows:

@@ -127,8 +127,11 @@ def nll_terms(
     :math:`t_i` is ``ignore_index``."""
     counted = target != ignore_index
     safe_target = torch.where(counted, target, torch.zeros_like(target))
-    picked = log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-    picked = torch.where(counted, picked, torch.zeros_like(picked))
+    if log_probs.shape[-1]:
+        picked = log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        picked = torch.where(counted, picked, torch.zeros_like(picked))
+    else:  # no classes: every target is ignored (others fail the range check), nothing to pick
+        picked = log_probs.new_zeros(target.shape)
     if weight is None:
         w = counted.to(log_probs.dtype)
     else:
