@@ -9,11 +9,13 @@ test fails at the end with the list of failed checks.
 
 Hypothesis is not used inside the ranks: its shrinking would differ from rank to rank. The
 options are walked as a full grid instead, with shapes, targets and ignored rows drawn from
-seeded generators that are identical on every rank.
+seeded generators that are identical on every rank; hypothesis varies shapes and options on a
+group of one process, in the test process itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from datetime import timedelta
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 import xentkit
@@ -494,6 +498,66 @@ def test_two_ranks_match_the_single_process_reference(tmp_path):
 @pytest.mark.distributed
 def test_three_uneven_ranks_match_the_single_process_reference(tmp_path):
     _spawn(tmp_path, 3, "_three_ranks")
+
+
+@contextlib.contextmanager
+def _one_process_group():
+    """A group of this process alone (an in-memory store: no port, no file), then none."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@given(
+    rows=st.integers(0, 6),
+    classes=st.integers(1, 7),
+    dim=st.integers(1, 3),
+    reduction=st.sampled_from(REDUCTIONS),
+    label_smoothing=st.sampled_from([0.0, 0.25, 1.0]),
+    z_loss=st.sampled_from([0.0, 0.1]),
+    softcap=st.sampled_from([None, 0.7, 4.0]),
+    weighted=st.booleans(),
+    chunk_size=st.sampled_from([None, 1, 4]),
+    seed=st.integers(0, 2**16),
+)
+def _one_rank_matches_the_reference(
+    rows, classes, dim, reduction, label_smoothing, z_loss, softcap, weighted, chunk_size, seed
+):
+    opts = dict(
+        ignore_index=-100,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    logits, target, weight, grad_rows = _problem(seed, rows, classes, -100, weighted, torch.float64)
+    grad_out = _grad_out(reduction, grad_rows, torch.float64)
+    full = logits.clone().requires_grad_()
+    loss, (grad,) = _expected(full, target, weight, opts, grad_out, full)
+    mine_in = logits.clone().requires_grad_()
+    mine = vocab_parallel_cross_entropy(mine_in, target, weight=weight, **opts)
+    torch.testing.assert_close(mine, loss, rtol=1e-10, atol=1e-12, equal_nan=True)
+    (mine_grad,) = torch.autograd.grad(mine, mine_in, grad_out)
+    torch.testing.assert_close(mine_grad, grad, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(classes, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    loss, grads = _expected(F.linear(hidden, w), target, weight, opts, grad_out, hidden, w)
+    mine = linear_cross_entropy(hidden, w, target, None, weight, chunk_size=chunk_size, **opts)
+    torch.testing.assert_close(mine, loss, rtol=1e-10, atol=1e-12, equal_nan=True)
+    mine_grads = torch.autograd.grad(mine, (hidden, w), grad_out)
+    for mine_grad, grad in zip(mine_grads, grads, strict=True):
+        torch.testing.assert_close(mine_grad, grad, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def test_one_rank_matches_the_reference_on_random_shapes_and_options():
+    with _one_process_group():
+        _one_rank_matches_the_reference()
 
 
 def test_uninitialised_group_is_a_clear_error():
