@@ -33,7 +33,7 @@ BACKENDS = ("reference", "chunked", "triton")
 DEFAULT_BACKENDS = {
     ("cross_entropy", "cpu"): "reference",
     ("cross_entropy", "cuda"): "triton",
-    ("linear_cross_entropy", "cpu"): "reference",
+    ("linear_cross_entropy", "cpu"): "chunked",
     ("linear_cross_entropy", "cuda"): "triton",
 }
 
