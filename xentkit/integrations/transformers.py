@@ -100,7 +100,10 @@ def patch(model: nn.Module, *, check: bool = True, **loss_options: Any) -> nn.Mo
     Raises:
         TypeError: an unknown loss option, an output embedding that is not an ``nn.Linear``,
             or a model with no decoder apart from its head.
-        ValueError: a bad loss option value, or the check found different logits or loss.
+        ValueError: the check found different logits or a different loss (or a loss option
+            value that :func:`xentkit.linear_cross_entropy` refuses, with its error type).
+        NotImplementedError: the config asks for a mixture-of-experts router loss
+            (``output_router_logits``), which the patched forward also refuses per call.
 
     Example:
         >>> import torch, transformers
@@ -172,13 +175,15 @@ def _head(model: nn.Module) -> nn.Linear:
 
 
 def _decoder(model: nn.Module) -> nn.Module:
-    decoder = getattr(model, "base_model", model)
-    if decoder is model:
-        raise TypeError(
-            f"{type(model).__name__} has no decoder apart from its head (model.base_model is the "
-            "model itself): patch the *ForCausalLM model, which holds a base model and an lm_head."
-        )
-    return decoder
+    # base_model follows the class's base_model_prefix; a few classes (Llama 4's text model)
+    # declare a prefix they do not use and hold their decoder as `model`, the common name.
+    for decoder in (getattr(model, "base_model", model), getattr(model, "model", model)):
+        if isinstance(decoder, nn.Module) and decoder is not model:
+            return decoder
+    raise TypeError(
+        f"{type(model).__name__} has no decoder apart from its head (neither model.base_model nor "
+        "model.model): patch a *ForCausalLM model, which holds a base model and an lm_head."
+    )
 
 
 def _softcap(model: nn.Module) -> float | None:
@@ -215,6 +220,13 @@ def _check_equivalence(model: nn.Module) -> None:
         with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
             expected = model(input_ids=ids, labels=labels, return_dict=True)
             hidden = _decoder(model)(input_ids=ids)[0]
+            if hidden.shape[-1] != head.in_features:
+                raise ValueError(
+                    f"{type(model).__name__}'s decoder gives hidden states of size "
+                    f"{hidden.shape[-1]} but its head takes {head.in_features} features: a layer "
+                    "between them (a prediction-head transform) would be skipped. Leave it "
+                    "unpatched."
+                )
             logits = reference.apply_softcap(head(hidden).float(), _softcap(model))
             _install(model, {})
             try:
