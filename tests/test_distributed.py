@@ -543,6 +543,10 @@ def _one_rank_matches_the_reference(
     torch.testing.assert_close(mine, loss, rtol=1e-10, atol=1e-12, equal_nan=True)
     (mine_grad,) = torch.autograd.grad(mine, mine_in, grad_out)
     torch.testing.assert_close(mine_grad, grad, rtol=1e-10, atol=1e-12, equal_nan=True)
+    if not z_loss and softcap is None:  # torch's own options only
+        torch_opts = {k: v for k, v in opts.items() if k not in ("z_loss", "softcap")}
+        expected = F.cross_entropy(logits, target, weight, **torch_opts)
+        torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12, equal_nan=True)
 
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, dim, generator=g, dtype=torch.float64, requires_grad=True)
