@@ -43,6 +43,14 @@ a hash of the targets and class weights, the range of the targets); every check 
 differ between ranks is decided from that shared report, so all ranks raise the same error
 instead of one raising while the others wait in a collective.
 
+From a Megatron-style tensor-parallel model: pass the tensor-parallel group, the local rows of
+the output layer (``ColumnParallelLinear``'s weight: rank ``r`` holds the ``r``-th slice, the
+order :func:`linear_cross_entropy` assumes) and the replicated hidden states and labels. Its
+backward already sums the hidden states' gradient over the group, so feed them through an op
+whose backward sums nothing (not ``copy_to_tensor_model_parallel_region``; with sequence
+parallelism, an all-gather whose backward keeps this rank's part of the sequence without a
+reduce-scatter).
+
 Example (a one-process group; ``examples/vocab_parallel.py`` runs two):
     >>> import torch, torch.distributed as dist
     >>> from xentkit.distributed import vocab_parallel_cross_entropy
