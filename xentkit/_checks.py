@@ -84,16 +84,8 @@ def class_dim(input: Tensor) -> int:
 
 
 def check_index_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
-    """Shape, dtype and range of class-index targets for an input laid out as torch does."""
-    if target.dtype not in (torch.long, torch.uint8):
-        fix = "target.long() converts it"
-        if target.is_floating_point() and target.dim() == input.dim():
-            fix = "target.argmax(dim) turns one-hot rows into indices"
-        raise RuntimeError(
-            f"expected target dtype to be Long or Byte, but got {_dtype(target)}: class-index "
-            f"targets must be integers; {fix}. (Probability targets must have the input's "
-            f"shape {tuple(input.shape)}, got {tuple(target.shape)}.)"
-        )
+    """Shape, dtype and range of class-index targets, checked in PyTorch's order (batch size,
+    then shape, then dtype, then range) so the same mistake raises the same exception type."""
     cdim = class_dim(input)
     expected = input.shape[:cdim] + input.shape[cdim + 1 :]
     if input.dim() == 1 and target.dim() == 1:
@@ -110,17 +102,29 @@ def check_index_target(input: Tensor, target: Tensor, ignore_index: int) -> None
             f"({target.shape[0]}): target must have shape {tuple(expected)} for input of shape "
             f"{tuple(input.shape)}."
         )
+    one_hot_hint = ""
+    if target.is_floating_point() and target.dim() == input.dim():
+        one_hot_hint = (
+            " A floating target with a class dimension is one-hot or probabilities: give it the "
+            f"input's shape {tuple(input.shape)}, or turn it into indices with target.argmax(dim)."
+        )
     if input.dim() <= 2 and target.dim() > 1:
         raise RuntimeError(
             f"0D or 1D target tensor expected, multi-target not supported: target has shape "
             f"{tuple(target.shape)} but must have shape {tuple(expected)} for input of shape "
             f"{tuple(input.shape)}; for multi-label targets use binary_cross_entropy_with_logits."
+            + one_hot_hint
         )
     if target.shape != expected:
         raise RuntimeError(
             f"Expected target size {list(expected)}, got {list(target.shape)}: for input "
             f"(N, C, d1, ...) = {tuple(input.shape)} the target is (N, d1, ...); if the classes "
-            "are the last dimension, move them with input.movedim(-1, 1)."
+            "are the last dimension, move them with input.movedim(-1, 1)." + one_hot_hint
+        )
+    if target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {_dtype(target)}: class-index "
+            "targets must be integers; target.long() converts them."
         )
     check_target_range(target, input.shape[cdim], ignore_index)
 
