@@ -208,7 +208,7 @@ def plan(args: argparse.Namespace, console: Console) -> dict[str, list[Job]]:
         else:
             mem_limit = suite.mem_limit(args.quick)
         repeats = args.repeats or (QUICK_REPEATS if args.quick else suite.repeats)
-        jobs[name] = [
+        suite_jobs = [
             Job(
                 suite=suite,
                 shape=shape,
@@ -224,6 +224,10 @@ def plan(args: argparse.Namespace, console: Console) -> dict[str, list[Job]]:
             for dtype in args.dtypes or suite.dtypes
             for provider in providers
         ]
+        if suite_jobs:
+            jobs[name] = suite_jobs
+        else:
+            console.print(f"[yellow]note[/yellow] no provider of --providers runs in {name}")
     return jobs
 
 
@@ -244,6 +248,30 @@ def _write_json(data: dict, path: Path) -> None:
     partial.replace(path)  # a run stopped midway never leaves a truncated file
 
 
+def _suite_results(suite: Suite, jobs: list[Job], rows: list, command: str, machine: dict) -> dict:
+    """A suite's JSON: what it measures, how, where, and its rows."""
+    first = jobs[0]  # every job of a suite shares the run's settings
+    limit = first.mem_limit
+    return {
+        "suite": suite.name,
+        "title": suite.title,
+        "reference": suite.reference,
+        "floor": suite.floor,
+        "floor_text": suite.floor_text,
+        "providers": list(dict.fromkeys(job.provider for job in jobs)),
+        "command": command,
+        "machine": machine,
+        "settings": {
+            "repeats": first.repeats,
+            "warmup": 0 if suite.single_shot else first.warmup,
+            "mem_limit_gib": None if limit is None else round(limit / 2**30, 2),
+            "timeout_s": first.timeout,
+            "compile_backend": first.compile_backend,
+        },
+        "rows": rows,
+    }
+
+
 def run_suites(jobs: dict[str, list[Job]], out: Path, command: str, console: Console) -> list:
     """Runs every job under a progress bar; writes and returns each suite's results."""
     machine = machine_info()
@@ -262,26 +290,7 @@ def run_suites(jobs: dict[str, list[Job]], out: Path, command: str, console: Con
                 progress.console.print(f"{job.title}: {_summary(row)}")
                 progress.advance(task)
                 progress.refresh()
-            suite = SUITES[name]
-            limit = suite_jobs[0].mem_limit if suite_jobs else None
-            data = {
-                "suite": name,
-                "title": suite.title,
-                "reference": suite.reference,
-                "floor": suite.floor,
-                "floor_text": suite.floor_text,
-                "providers": list(dict.fromkeys(job.provider for job in suite_jobs)),
-                "command": command,
-                "machine": machine,
-                "settings": {
-                    "repeats": suite_jobs[0].repeats if suite_jobs else None,
-                    "warmup": 0 if suite.single_shot else suite_jobs[0].warmup if suite_jobs else 0,
-                    "mem_limit_gib": None if limit is None else round(limit / 2**30, 2),
-                    "timeout_s": suite_jobs[0].timeout if suite_jobs else None,
-                    "compile_backend": suite_jobs[0].compile_backend if suite_jobs else None,
-                },
-                "rows": rows,
-            }
+            data = _suite_results(SUITES[name], suite_jobs, rows, command, machine)
             _write_json(data, out / f"{name}.json")
             results.append(data)
     return results

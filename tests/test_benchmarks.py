@@ -1,0 +1,221 @@
+"""The benchmark harness (``benchmarks/``): protocol, failure handling, command line, reports,
+and one end-to-end ``--quick`` run at tiny shapes. Numbers are never asserted: speed is
+measured by the benchmarks themselves, not by tests."""
+
+import doctest
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) leaves the root off the path
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness, machine, memory, plot, report, run  # noqa: E402
+from benchmarks.harness import Bench, Job, Shape, Skip, Suite  # noqa: E402
+
+
+@pytest.mark.parametrize("module", [harness, machine, memory, report], ids=lambda m: m.__name__)
+def test_doctests(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("text", ["4096x32768", "4096x1024xV", "0x1x2", ""])
+def test_shape_parse_rejects_with_the_format(text):
+    with pytest.raises(ValueError, match=r"4096x1024x32768|at least 1"):
+        Shape.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shapes", "4096x32768"], "--shapes.*N x D x V"),
+        (["--suite", "speed"], "--suite.*unknown suite 'speed'.*ce, linear, scale"),
+        (["--dtypes", "int8"], "--dtypes.*unknown dtype 'int8'"),
+        (["--repeats", "0"], "--repeats.*must be positive"),
+        (["--providers", "xentkit:fast"], "unknown xentkit backend 'fast'"),
+        (
+            ["--suite", "ce", "--providers", "cce"],
+            "no selected suite \\(ce\\) has a provider 'cce'",
+        ),
+        (["--providers", "torch:chunked"], "no selected suite"),
+    ],
+)
+def test_bad_arguments_name_the_flag_and_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return torch.ones(4)
+
+
+def test_measure_first_call_warmup_then_repeats():
+    step = Counter()
+    result = harness.measure(Bench(step, 16), repeats=4, warmup=2)
+    assert step.calls == 1 + 2 + 4
+    assert result["repeats"] == 4
+    assert result["p20"] <= result["median"] <= result["p80"]
+    assert result["first_call_s"] >= 0
+    single = Counter()
+    result = harness.measure(Bench(single, 16), repeats=4, warmup=2, single_shot=True)
+    assert single.calls == 1 and result["repeats"] == 1
+
+
+def _build_ok(provider, shape, dtype, compile_backend):
+    return Bench(lambda: torch.zeros(shape.n, shape.v, dtype=dtype), 0)
+
+
+def _build_oom(provider, shape, dtype, compile_backend):
+    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 bytes")
+
+
+def _build_skip(provider, shape, dtype, compile_backend):
+    raise Skip("package missing")
+
+
+def _build_error(provider, shape, dtype, compile_backend):
+    raise ValueError("a bug\nin the provider")
+
+
+def _suite(build) -> Suite:
+    shapes = (Shape(4, 2, 8),)
+    return Suite("fake", "Fake", "cross_entropy", build, str, ("xentkit", "torch"), shapes, shapes,
+                 ("float32",), 2)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("build", "status", "note"),
+    [
+        (_build_ok, "ok", None),
+        (_build_oom, "OOM", "could not allocate 0 MiB"),
+        (_build_skip, "skipped", "package missing"),
+        (_build_error, "error", "in the provider"),
+    ],
+)
+def test_outcome_turns_failures_into_statuses(build, status, note):
+    result = harness.outcome(Job(_suite(build), Shape(4, 2, 8), "float32", "torch", repeats=2))
+    assert result["status"] == status
+    if note is not None:
+        assert result["note"] == note
+    else:
+        assert result["median"] is not None and result["repeats"] == 2
+
+
+def test_failure_status_and_death():
+    assert harness.failure_status(MemoryError()) == "OOM"
+    assert harness.failure_status(RuntimeError("shape mismatch")) == "error"
+    assert harness._died(-9, "")["status"] == "OOM"
+    assert harness._died(1, "Traceback: boom")["note"] == "Traceback: boom"
+
+
+def test_backend_of_names_the_resolved_backend():
+    suite = _suite(_build_ok)
+    job = Job(suite, Shape(4, 2, 8), "float32", "xentkit", repeats=1)
+    assert harness.backend_of(job) in ("reference", "chunked")
+    assert harness.backend_of(Job(suite, Shape(4, 2, 8), "float32", "xentkit:reference", 1)) == (
+        "reference"
+    )
+    assert harness.backend_of(Job(suite, Shape(4, 2, 8), "float32", "torch", 1)) is None
+
+
+def test_plan_quick_leaves_out_compiled_peers_unless_named(capsys):
+    console = run.Console(file=sys.stderr)
+    jobs = run.plan(run.parser().parse_args(["--quick"]), console)
+    assert set(jobs) == {"ce", "linear", "scale"}
+    providers = {job.provider for suite_jobs in jobs.values() for job in suite_jobs}
+    assert not providers & {"torch.compile", "cce"}
+    assert "--quick leaves out" in capsys.readouterr().err
+    assert all(job.repeats == 1 and job.mem_limit for job in jobs["scale"])
+    assert all(job.mem_limit is None for job in jobs["ce"])
+    args = ["--quick", "--suite", "ce", "--providers", "torch.compile,floor", "--mem-limit", "2"]
+    jobs = run.plan(run.parser().parse_args(args), console)
+    assert [job.provider for job in jobs["ce"][:2]] == ["torch.compile", "floor"]
+    assert all(job.mem_limit == 2 * 2**30 for job in jobs["ce"])
+
+
+def _row(provider, median, peak, status="ok", dtype="float32"):
+    times = {"median": median, "p20": median, "p80": median, "first_call_s": 0.1}
+    note = "" if status == "ok" else "why"
+    return {"case": "N=8 V=16", "dtype": dtype, "provider": provider, "backend": None,
+            "status": status, **times, "peak_mib": peak, "note": note}  # fmt: skip
+
+
+def _data():
+    rows = [_row("xentkit", 4.0, 1.0), _row("torch", 10.0, 3.0), _row("floor", 2.0, 1.0)]
+    rows += [
+        _row("xentkit", 5.0, 1.0, dtype="bfloat16"),
+        _row("torch", None, None, "OOM", "bfloat16"),
+    ]
+    rows[0]["backend"] = rows[3]["backend"] = "chunked"
+    info = {"cpu": "CPU", "cores": 2, "torch_threads": 2, "memory_gib": 24, "torch": "2",
+            "xentkit": "0", "date": "today"}  # fmt: skip
+    settings = {"repeats": 3, "warmup": 1, "mem_limit_gib": None}
+    return {"suite": "ce", "title": "CE", "reference": "torch", "floor": "floor",
+            "floor_text": "one clone()", "providers": ["xentkit", "torch", "floor"],
+            "command": "python benchmarks/run.py --suite ce", "machine": info,
+            "settings": settings, "rows": rows}  # fmt: skip
+
+
+def test_report_ratios_and_markdown(tmp_path):
+    data = _data()
+    headers, cells = report.full_table(data)
+    xentkit = dict(zip(headers, cells[0], strict=True))
+    assert xentkit["× torch"] == "0.40×" and xentkit["× floor"] == "2.00×"
+    assert xentkit["provider"] == "xentkit [chunked]"
+    oom = dict(zip(headers, cells[-1], strict=True))
+    assert oom["status"] == "OOM" and oom["time (median)"] == "—"
+    headers, cells = report.headline_table(data)
+    assert [dict(zip(headers, line, strict=True))["× torch eager"] for line in cells] == [
+        "0.40×",
+        "—",
+    ]
+    image = plot.plot_suite(data, tmp_path / "results" / "ce.png")
+    assert image.read_bytes()[:4] == b"\x89PNG"
+    text = report.markdown([data], {"ce": image}, tmp_path / "RESULTS.md")
+    assert "`python benchmarks/run.py --suite ce`" in text
+    assert "CPU, 2 cores" in text and "](results/ce.png)" in text
+    assert "- torch OOM: why" in text
+
+
+def test_quick_run_end_to_end(tmp_path):
+    """What ``xentkit bench --quick`` does, at tiny shapes and in float32 only."""
+    providers = "xentkit:reference,torch,floor"
+    argv = ["--quick", "--providers", providers, "--dtypes", "fp32", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
+    assert set(results) == {"ce", "linear", "scale"}
+    for name, data in results.items():
+        assert data["machine"]["torch"] == torch.__version__
+        assert data["command"].startswith("python benchmarks/run.py --quick")
+        assert (tmp_path / f"{name}.png").exists()
+    ce_rows = results["ce"]["rows"]
+    assert [row["provider"] for row in ce_rows] == ["xentkit:reference", "torch", "floor"] * 2
+    assert all(row["status"] == "ok" and row["peak_mib"] is not None for row in ce_rows)
+    assert {row["backend"] for row in ce_rows} == {"reference", None}
+    # The quick scale case caps each process at 384 MiB over the runner: torch's N x V logits
+    # and their gradient do not fit, and the harness says so instead of dying.
+    scale = {row["provider"]: row for row in results["scale"]["rows"]}
+    assert scale["torch"]["status"] == "OOM" and "could not allocate" in scale["torch"]["note"]
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    assert markdown.count("## ") == 3 and "× torch" in markdown
+    assert "Cross entropy, forward + backward" in done.stdout
