@@ -357,18 +357,19 @@ def linear_cross_entropy(
 
     See also :func:`cross_entropy`, :class:`xentkit.nn.LinearCrossEntropyLoss`.
     """
-    _checks.check_reduction(reduction)
-    _checks.check_options(label_smoothing, z_loss, softcap)
-    _checks.check_linear(input, weight, target, bias)
-    hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     options = (class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     if process_group is not None:
         from xentkit import distributed
 
-        loss = distributed.linear_cross_entropy(
-            hidden, weight, labels, bias, *options, chunk_size, process_group=process_group
+        # Every check runs inside, agreed over the group: a rank that failed alone here would
+        # leave the others waiting in their first collective.
+        return distributed.linear_cross_entropy(
+            input, weight, target, bias, *options, chunk_size, process_group=process_group
         )
-        return _finish(loss, reduction, tuple(target.shape), input.dtype)
+    _checks.check_reduction(reduction)
+    _checks.check_options(label_smoothing, z_loss, softcap)
+    _checks.check_linear(input, weight, target, bias)
+    hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     _checks.check_class_weight(class_weight, weight.shape[0], input.dtype, "class_weight")
     _checks.check_target_range(labels, weight.shape[0], ignore_index)
     name = resolve_backend(backend, "linear_cross_entropy", input.device)
