@@ -59,6 +59,19 @@ def _config(arch: str):
         )
     if arch == "cohere":
         return transformers.CohereConfig(**decoder)
+    if arch == "bart":
+        return transformers.BartConfig(
+            d_model=32,
+            decoder_layers=2,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=64,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            **common,
+        )
+    if arch == "electra":
+        return transformers.ElectraConfig(embedding_size=16, **decoder)
     if arch == "mixtral":
         return transformers.MixtralConfig(num_local_experts=2, num_experts_per_tok=1, **decoder)
     raise ValueError(arch)
@@ -376,9 +389,17 @@ def test_a_model_without_a_separate_decoder_is_refused():
         patch(Bare())
 
 
-def test_a_model_that_scales_its_logits_is_refused():
-    model = _model("cohere")  # logits * config.logit_scale
-    with pytest.raises(ValueError, match="logits are not lm_head"):
+@pytest.mark.parametrize(
+    ("arch", "match"),
+    [
+        ("cohere", "logits are not lm_head"),  # logits * config.logit_scale
+        ("bart", "its forward adds to or changes"),  # BartForCausalLM does not shift its labels
+        ("electra", "head takes 16 features"),  # a prediction-head transform before lm_head
+    ],
+)
+def test_a_model_whose_loss_is_not_the_fused_one_is_refused(arch, match):
+    model = _model(arch)
+    with pytest.raises(ValueError, match=match):
         patch(model)
     assert not is_patched(model)
     assert patch(model, check=False) is model  # the caller's decision
