@@ -1,4 +1,4 @@
-"""Fused linear cross entropy in torch ops: the LM head and the loss over token chunks.
+r"""Fused linear cross entropy in torch ops: the LM head and the loss over token chunks.
 
 ``cross_entropy(hidden @ weight.T + bias, target)`` for ``M`` tokens and ``V`` classes would
 build ``M x V`` logits and as many gradients. Here the tokens are walked in chunks of ``m``
@@ -6,22 +6,23 @@ rows; for each chunk the logits are computed, the loss terms and their gradient 
 into the same ``m x V`` buffer by :func:`xentkit.kernels.chunked.loss_and_grad`, and that
 gradient is pushed through the head at once:
 
-.. math:: G = \\partial L / \\partial Z_{\\text{chunk}}, \\qquad
-          \\nabla_H \\mathrel{+}= G W, \\quad \\nabla_W \\mathrel{+}= G^\\top H_{\\text{chunk}},
-          \\quad \\nabla_b \\mathrel{+}= \\textstyle\\sum_{\\text{rows}} G
+.. math:: G = \partial L / \partial Z_{\text{chunk}}, \qquad
+          \nabla_H \mathrel{+}= G W, \quad \nabla_W \mathrel{+}= G^\top H_{\text{chunk}},
+          \quad \nabla_b \mathrel{+}= \textstyle\sum_{\text{rows}} G
 
-so the extra memory is one chunk of logits plus the weight gradient, whatever ``M`` is.
+so the extra memory is one chunk of logits (and the float32 working copy ``loss_and_grad``
+makes of it) plus the float32 weight gradient, whatever ``M`` is.
 Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
 
 For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
 backward pass only multiplies it by ``grad_output``. The forward computes the gradient of the
-*unnormalised* sum :math:`\\sum_i \\mathrm{ce}_i + r\\,z_i` (:math:`r` puts the z-loss's own
+*unnormalised* sum :math:`\sum_i \mathrm{ce}_i + r\,z_i` (:math:`r` puts the z-loss's own
 denominator in the same units) and the backward applies ``grad_output / denominator`` in
 float32: a half-precision gradient of a mean over many tokens would otherwise underflow before
 a loss scaler could lift it.
 
 For ``reduction="none"`` the per-token ``grad_output`` is not known in the forward and the
-weight gradient :math:`\\sum_i g_i\\, G_i^\\top h_i` cannot be assembled without it, so the
+weight gradient :math:`\sum_i g_i\, G_i^\top h_i` cannot be assembled without it, so the
 forward computes the losses only (one matrix product) and the backward walks the chunks again
 with each row's gradient scaled by its ``grad_output`` (three matrix products). Nothing of size
 ``M x V`` is kept in between.
@@ -41,7 +42,8 @@ from xentkit import reference
 from xentkit.kernels.chunked import loss_and_grad
 
 # About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk:
-# a chunk is walked several times by loss_and_grad, so it should stay near the last-level cache.
+# a chunk is walked several times by loss_and_grad, so it should stay near the last-level cache
+# (loss_and_grad also holds one float32 working copy of it at its peak).
 CHUNK_BYTES = 32 * 2**20
 # Each chunk reads and writes the whole V x D weight-gradient accumulator once while doing
 # 6 m V D flops of matrix products, so below ~128 rows the accumulator traffic starts to show.
@@ -250,7 +252,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     sum) or by walking the chunks again in the backward (none); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, reduction, options, chunk_size):
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        reduction: str,
+        options: tuple[int, float, float, float | None],
+        chunk_size: int | None,
+    ) -> Tensor:
         problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
         needs = tuple(ctx.needs_input_grad[:3])
         loss, grads = _forward(problem, reduction, needs)
@@ -262,7 +274,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         needs = tuple(ctx.needs_input_grad[:3])
         problem = ctx.problem
         if ctx.reduction == "none":
