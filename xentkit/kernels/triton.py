@@ -68,14 +68,12 @@ _CE_SCALE, _Z_SCALE, _TOTAL_WEIGHT, _SMOOTHING, _Z_LOSS, _SOFTCAP = map(tl.const
 
 
 @triton.jit
-def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
+def _softcap(x, softcap):
     """``softcap * tanh(x / softcap)``, with tanh as ``(1 - e) / (1 + e)``, ``e = exp(-2|y|)``:
     it never overflows, and Triton's interpreter has no libdevice tanh."""
-    if HAS_SOFTCAP:
-        e = tl.exp(-2.0 * tl.abs(x) / softcap)
-        t = (1.0 - e) / (1.0 + e)
-        x = softcap * tl.where(x < 0, -t, t)
-    return x
+    e = tl.exp(-2.0 * tl.abs(x) / softcap)
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -152,7 +150,9 @@ def _cross_entropy_kernel(
     target = tl.load(target_ptr + row)
     counted = target != ignore_index
     safe_target = tl.where(counted, target, 0)
-    x_t = _softcap(tl.load(logits_ptr + safe_target).to(ACC), softcap, HAS_SOFTCAP)
+    x_t = tl.load(logits_ptr + safe_target).to(ACC)
+    if HAS_SOFTCAP:
+        x_t = _softcap(x_t, softcap)
     w_t = tl.where(counted, 1.0, 0.0).to(ACC)
     if HAS_WEIGHT:
         w_t *= tl.load(weight_ptr + safe_target).to(ACC)
@@ -167,7 +167,9 @@ def _cross_entropy_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < num_classes
         x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
-        x = tl.where(mask, _softcap(x, softcap, HAS_SOFTCAP), float("-inf"))
+        if HAS_SOFTCAP:
+            x = _softcap(x, softcap)
+        x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
@@ -185,14 +187,15 @@ def _cross_entropy_kernel(
     if COMPUTE_GRAD:
         # Sweep 2: the gradient, already scaled by the reduction (1 / denominator for a mean).
         grad_ptr += row * grad_stride
-        a = tl.load(consts_ptr + _CE_SCALE)
-        b = tl.load(consts_ptr + _Z_SCALE)
+        # 0 for an ignored row, whose scale may be 1 / 0 (a mean over no counted row).
+        a = tl.where(counted, tl.load(consts_ptr + _CE_SCALE), 0.0)
+        b = tl.where(counted, tl.load(consts_ptr + _Z_SCALE), 0.0)
         for start in range(0, num_classes, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < num_classes
-            x = _softcap(
-                tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC), softcap, HAS_SOFTCAP
-            )
+            x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                x = _softcap(x, softcap)
             w = 1.0
             if HAS_WEIGHT and HAS_SMOOTHING:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
@@ -204,17 +207,6 @@ def _cross_entropy_kernel(
             # An ignored row has zero gradient, even where its logits make p NaN (all -inf).
             grad = tl.where(counted, grad, 0.0)
             tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b``. ``UPCAST``: Triton 3.9's interpreter multiplies bfloat16 tiles as their
-    raw bits, so interpreted runs multiply them in float32 (exact: a product of two bfloat16
-    values fits in float32)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -233,14 +225,15 @@ def _logits_tile(
     ACC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """The ``(BLOCK_M, BLOCK_V)`` tile of capped logits ``softcap(h @ w.T + bias)`` in ``ACC``;
-    -inf in the columns past the vocabulary."""
+    -inf in the columns past the vocabulary. ``DOT`` is the dtype the tiles are multiplied in
+    (see :func:`_linear_launch`)."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), ACC)
     for start in range(0, dim, BLOCK_D):
         ds = start + tl.arange(0, BLOCK_D)
@@ -249,16 +242,18 @@ def _logits_tile(
             h_ptr + rows[:, None] * h_stride + ds[None, :],
             mask=row_mask[:, None] & d_mask[None, :],
             other=0.0,
-        )
+        ).to(DOT)
         w = tl.load(
             w_ptr + cols[:, None] * w_stride + ds[None, :],
             mask=col_mask[:, None] & d_mask[None, :],
             other=0.0,
-        )
-        acc = _dot(h, tl.trans(w), acc, UPCAST, PRECISION)
+        ).to(DOT)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-    return tl.where(col_mask[None, :], _softcap(acc, softcap, HAS_SOFTCAP), float("-inf"))
+    if HAS_SOFTCAP:
+        acc = _softcap(acc, softcap)
+    return tl.where(col_mask[None, :], acc, float("-inf"))
 
 
 @triton.jit
@@ -284,7 +279,7 @@ def _linear_forward_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -307,7 +302,7 @@ def _linear_forward_kernel(
         col_mask = cols < num_classes
         x = _logits_tile(
             h_ptr, h_stride, w_ptr, w_stride, bias_ptr, rows, cols, row_mask, col_mask, dim,
-            softcap, ACC, HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            softcap, ACC, HAS_BIAS, HAS_SOFTCAP, DOT, PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         # As in the cross-entropy kernel; logits from a matmul are finite, so only the
         # initial -inf needs the guard.
@@ -363,7 +358,7 @@ def _linear_backward_kernel(
     GRAD_H: tl.constexpr,
     GRAD_W: tl.constexpr,
     GRAD_B: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -380,8 +375,9 @@ def _linear_backward_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     # grad_output is (M,) for reduction "none" and a scalar seen with stride 0 otherwise.
     g = tl.load(grad_out_ptr + rows * grad_out_stride, mask=row_mask, other=0.0).to(ACC)
-    a = tl.where(counted, tl.load(consts_ptr + _CE_SCALE) * g, 0.0)
-    b = tl.where(counted, tl.load(consts_ptr + _Z_SCALE) * g, 0.0)
+    # 0 for an ignored row, whose scale may be 1 / 0 (a mean over no counted row).
+    a = tl.where(counted, tl.load(consts_ptr + _CE_SCALE), 0.0) * g
+    b = tl.where(counted, tl.load(consts_ptr + _Z_SCALE), 0.0) * g
     w_t = tl.where(counted, 1.0, 0.0).to(ACC)
     if HAS_WEIGHT:
         safe_target = tl.where(counted, target, 0)
@@ -392,7 +388,7 @@ def _linear_backward_kernel(
         col_mask = cols < num_classes
         x = _logits_tile(
             h_ptr, h_stride, w_ptr, w_stride, bias_ptr, rows, cols, row_mask, col_mask, dim,
-            softcap, ACC, HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            softcap, ACC, HAS_BIAS, HAS_SOFTCAP, DOT, PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         p = tl.where(counted[:, None], tl.exp(x - lse[:, None]), 0.0)
         is_target = cols[None, :] == target[:, None]
@@ -416,7 +412,7 @@ def _linear_backward_kernel(
             if GRAD_B:
                 tl.atomic_add(grad_b_ptr + cols, tl.sum(grad, 0), mask=col_mask)
             # The matmuls take the gradient in the inputs' dtype, as an unfused backward would.
-            grad = grad.to(h_ptr.dtype.element_ty)
+            grad = grad.to(h_ptr.dtype.element_ty).to(DOT)
             for d_start in range(0, dim, BLOCK_D):
                 ds = d_start + tl.arange(0, BLOCK_D)
                 d_mask = ds < dim
@@ -425,21 +421,20 @@ def _linear_backward_kernel(
                         w_ptr + cols[:, None] * w_stride + ds[None, :],
                         mask=col_mask[:, None] & d_mask[None, :],
                         other=0.0,
-                    )
+                    ).to(DOT)
                     offsets = rows[:, None] * dim + ds[None, :]
                     tile_mask = row_mask[:, None] & d_mask[None, :]
                     grad_h = tl.load(grad_h_ptr + offsets, mask=tile_mask, other=0.0)
-                    grad_h = _dot(grad, w_tile, grad_h, UPCAST, PRECISION)
+                    grad_h = tl.dot(grad, w_tile, grad_h, input_precision=PRECISION)
                     tl.store(grad_h_ptr + offsets, grad_h, mask=tile_mask)
                 if GRAD_W:
                     h_tile = tl.load(
                         h_ptr + rows[:, None] * h_stride + ds[None, :],
                         mask=row_mask[:, None] & d_mask[None, :],
                         other=0.0,
-                    )
-                    grad_w = _dot(
-                        tl.trans(grad), h_tile, tl.zeros((BLOCK_V, BLOCK_D), ACC), UPCAST, PRECISION
-                    )
+                    ).to(DOT)
+                    zeros = tl.zeros((BLOCK_V, BLOCK_D), ACC)
+                    grad_w = tl.dot(tl.trans(grad), h_tile, zeros, input_precision=PRECISION)
                     tl.atomic_add(
                         grad_w_ptr + cols[:, None] * dim + ds[None, :],
                         grad_w,
@@ -459,8 +454,12 @@ def _check_device(*tensors: Tensor | None) -> None:
             )
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+_TL = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
 
 
 def _denominators(
@@ -506,6 +505,14 @@ def _reduce(ce: Tensor, z: Tensor, reduction: str, denominator: Tensor, count: T
     return reference.reduce(ce, reduction, denominator) + reference.reduce(z, reduction, count)
 
 
+def _no_class_weight_derivative(needed: bool) -> None:
+    if needed:
+        raise RuntimeError(
+            "the derivative for 'weight' (the class weights) is not implemented, as in "
+            "PyTorch's cross_entropy: pass weight.detach(), or use backend='reference'."
+        )
+
+
 def _ce_block(num_classes: int) -> tuple[int, int]:
     """Vocabulary block and warps of the cross-entropy kernel."""
     block = min(triton.next_power_of_2(num_classes), CE_MAX_BLOCK_V)
@@ -525,6 +532,7 @@ class _CrossEntropy(torch.autograd.Function):
         z_loss: float,
         softcap: float | None,
         inplace_backward: bool,
+        compute_grad: bool,
     ) -> Tensor:
         num_rows, num_classes = logits.shape
         acc = reference.accumulation_dtype(logits.dtype)
@@ -538,7 +546,6 @@ class _CrossEntropy(torch.autograd.Function):
         )
         ce = torch.empty(num_rows, dtype=acc, device=logits.device)
         z = torch.empty_like(ce)
-        compute_grad = ctx.needs_input_grad[0]
         grad = None
         if compute_grad:
             grad = logits if inplace_backward else torch.empty_like(logits)
@@ -547,7 +554,7 @@ class _CrossEntropy(torch.autograd.Function):
             _cross_entropy_kernel[(num_rows,)](
                 logits, logits.stride(0), logits if grad is None else grad,
                 logits.stride(0) if grad is None else grad.stride(0), target, weight, consts, ce,
-                z, num_classes, ignore_index, _tl_dtype(acc), weight is not None,
+                z, num_classes, ignore_index, _TL[acc], weight is not None,
                 label_smoothing > 0, z_loss > 0, softcap is not None, compute_grad, block,
                 num_warps=warps,
             )  # fmt: skip
@@ -559,13 +566,14 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
+        _no_class_weight_derivative(ctx.needs_input_grad[2])
         if ctx.consumed:
             raise RuntimeError(
                 "The gradient of the Triton cross entropy was already consumed: with "
                 "inplace_backward=True the forward pass allows one backward pass (it scales "
                 "the gradient in place); recompute the loss, or use inplace_backward=False."
             )
+        (grad,) = ctx.saved_tensors
         scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
         scale = scale.to(grad.dtype)
         if ctx.inplace_backward:
@@ -574,7 +582,7 @@ class _CrossEntropy(torch.autograd.Function):
             grad = grad.mul_(scale)
         else:
             grad = grad * scale
-        return grad, None, None, None, None, None, None, None, None
+        return grad, *([None] * 9)
 
 
 def cross_entropy(
@@ -622,9 +630,11 @@ def cross_entropy(
     See also :func:`linear_cross_entropy`, :mod:`xentkit.kernels.chunked` (the CPU path).
     """
     _check_device(logits, target, weight)
+    # Inside forward grad mode is always off, so whether a backward can come is decided here.
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
     return _CrossEntropy.apply(
         logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        inplace_backward,
+        inplace_backward, compute_grad,
     )  # fmt: skip
 
 
@@ -632,8 +642,10 @@ def _linear_launch(hidden: Tensor) -> tuple[tuple[int], dict]:
     """The grid of the linear kernels and the tile sizes and matmul options they all take."""
     block_m, block_v, block_d = LINEAR_TILES[hidden.element_size()]
     options = {
-        "ACC": _tl_dtype(reference.accumulation_dtype(hidden.dtype)),
-        "UPCAST": INTERPRETED and hidden.dtype == torch.bfloat16,
+        "ACC": _TL[reference.accumulation_dtype(hidden.dtype)],
+        # Triton 3.9's interpreter multiplies bfloat16 tiles as their raw bits, so interpreted
+        # runs multiply them in float32 (exact: a product of two bfloat16 values fits in it).
+        "DOT": tl.float32 if INTERPRETED and hidden.dtype == torch.bfloat16 else _TL[hidden.dtype],
         # float32 inputs are multiplied in float32, not TF32, as torch's matmul does by default.
         "PRECISION": "ieee" if hidden.dtype in (torch.float32, torch.float64) else "tf32",
         "BLOCK_M": block_m,
@@ -694,6 +706,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         hidden, weight, bias, target, class_weight, consts, lse = ctx.saved_tensors
+        _no_class_weight_derivative(ctx.needs_input_grad[4])
         ignore_index, filter_eps = ctx.options
         num_rows, dim = hidden.shape
         acc = lse.dtype
