@@ -18,6 +18,10 @@ built, so the output's ``logits`` is None. The loss is the one ``transformers`` 
 - :math:`c` is the config's ``final_logit_softcapping`` (Gemma 2), no capping when it has none;
 - ``logits_to_keep`` selects hidden states as it would select logits.
 
+The loss comes back in the hidden states' dtype, as :func:`xentkit.linear_cross_entropy` returns
+it (accumulated in float32 inside); ``transformers`` upcasts its logits to float32 first, so a
+bfloat16 model's loss value differs from the unpatched one by bfloat16 rounding.
+
 Without ``labels`` the model runs its own ``forward``, unchanged (generation, logits for
 evaluation). :func:`unpatch` restores the model.
 
@@ -115,10 +119,10 @@ def patch(model: nn.Module, *, check: bool = True, **loss_options: Any) -> nn.Mo
 
     See also :func:`unpatch`, :func:`is_patched`.
     """
-    unpatch(model)
     _check_options(loss_options)
     _head(model)
     _decoder(model)
+    unpatch(model)  # a refused model is left unpatched
     if check:
         _check_equivalence(model)
     _install(model, loss_options)
