@@ -431,3 +431,7 @@ def test_bad_loss_options_are_refused_at_patch_time(options, error, match):
     with pytest.raises(error, match=match):
         patch(model, **options)
     assert not is_patched(model)
+    patch(model, z_loss=1e-3)
+    with pytest.raises(error, match=match):
+        patch(model, **options)
+    assert model.__dict__["_xentkit_patch"].options == dict(z_loss=1e-3)  # the patch is kept
