@@ -17,6 +17,8 @@ Providers (each one call of forward and backward through ``torch.autograd.grad``
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,36 @@ def _cce_loss():
         return linear_cross_entropy(h, w, target, impl="torch_compile")
 
     return loss
+
+
+# A default dtype whose matrix products run this many times slower than float32's is left out:
+# CPUs without native bfloat16 (AVX2, no AVX512-BF16 or AMX) run them up to 100x slower, which
+# would turn the linear suite's hour into days. ``--dtypes`` still runs it on request.
+SLOW_MATMUL = 4.0
+
+
+def _matmul_seconds(dtype: torch.dtype, size: int = 512) -> float:
+    a = torch.randn(size, size, dtype=dtype)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def slow_dtype(dtype: str) -> str | None:
+    """Why ``dtype`` is left out of this machine's default run (its matrix products are
+    ``SLOW_MATMUL`` times slower than float32's), or None."""
+    if dtype == "float32":
+        return None
+    slowdown = _matmul_seconds(getattr(torch, dtype)) / _matmul_seconds(torch.float32)
+    if slowdown <= SLOW_MATMUL:
+        return None
+    return (
+        f"{dtype} left out: its matrix products run {slowdown:.0f}x slower than float32's on "
+        f"this CPU (no native {dtype} units); --dtypes {dtype} runs it anyway"
+    )
 
 
 def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str) -> Bench:
@@ -91,4 +123,5 @@ SUITE = Suite(
     floor="floor",
     floor_text="the three matrix products h @ W.T, g @ W and g.T @ h",
     compiled=frozenset({"torch.compile", "cce"}),
+    dtype_check=slow_dtype,
 )

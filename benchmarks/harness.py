@@ -1,4 +1,4 @@
-"""One benchmark job (a suite, a case, a dtype and a provider) run in its own forked process.
+"""One benchmark job (a suite, a case, a dtype and a provider), run in its own process.
 
 Every job gets a fresh process: its peak memory is its own (nothing an earlier job freed is
 reused), a job that runs out of memory ends only itself, and its address space can be capped
@@ -39,7 +39,6 @@ import torch
 from benchmarks import memory
 from xentkit.functional import resolve_backend
 
-STATUSES = ("ok", "OOM", "timeout", "skipped", "error")
 MIB = 2**20
 
 
@@ -101,7 +100,9 @@ class Suite:
 
     ``providers`` are run in that order; ``"xentkit"`` may carry a forced backend
     (``"xentkit:chunked"``); ``reference`` and ``floor`` are the providers the time ratios are
-    taken against; ``compiled`` names the providers that compile on their first call.
+    taken against; ``compiled`` names the providers that compile on their first call;
+    ``mem_limit(quick)`` is the address-space cap of each job (None: no cap) and
+    ``dtype_check(dtype)`` says why a default dtype is left out on this machine (None: kept).
     """
 
     name: str
@@ -120,6 +121,7 @@ class Suite:
     compiled: frozenset[str] = frozenset()
     single_shot: bool = False
     mem_limit: Callable[[bool], int | None] = no_limit
+    dtype_check: Callable[[str], str | None] | None = None
 
     def accepts(self, provider: str) -> bool:
         """Whether ``provider`` (a name of ``providers``, a backend allowed after xentkit's
@@ -157,6 +159,7 @@ class Job:
 
     @property
     def title(self) -> str:
+        """``ce N=4096 V=32768 float32 torch``: what the progress bar and the log show."""
         return f"{self.suite.name} {self.suite.case_label(self.shape)} {self.dtype} {self.provider}"
 
 

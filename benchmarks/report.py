@@ -133,8 +133,8 @@ def headline_table(data: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _notes(data: dict) -> list[str]:
-    """One line per distinct reason a provider was skipped or did not finish."""
-    seen: dict[str, None] = {}
+    """What the run left out, then one line per distinct reason a row did not finish."""
+    seen: dict[str, None] = dict.fromkeys(data.get("notes", []))
     for row in data["rows"]:
         if row["status"] != "ok" and row.get("note"):
             seen[f"{row['provider']} {row['status']}: {row['note']}"] = None

@@ -189,20 +189,28 @@ def _check_providers(args: argparse.Namespace, p: argparse.ArgumentParser) -> No
             )
 
 
-def plan(args: argparse.Namespace, console: Console) -> dict[str, list[Job]]:
-    """The jobs of the run, by suite, in the order they will run."""
+def plan(args: argparse.Namespace) -> tuple[dict[str, list[Job]], dict[str, list[str]]]:
+    """The jobs of the run, by suite, in the order they will run, and the notes saying what
+    was left out of each suite and why."""
     jobs: dict[str, list[Job]] = {}
+    notes: dict[str, list[str]] = {}
     for name in args.suite:
         suite = SUITES[name]
+        notes[name] = []
         providers = [p for p in (args.providers or suite.providers) if suite.accepts(p)]
         if args.quick and not args.providers:
             left_out = [p for p in providers if p in suite.compiled]
             providers = [p for p in providers if p not in suite.compiled]
             if left_out:
-                console.print(
-                    f"[yellow]note[/yellow] --quick leaves out {', '.join(left_out)} in {name} "
-                    "(compiling takes tens of seconds); name them in --providers to include them"
+                notes[name].append(
+                    f"--quick leaves out {', '.join(left_out)} (compiling takes tens of "
+                    "seconds); name them in --providers to include them"
                 )
+        dtypes = args.dtypes or list(suite.dtypes)
+        if not args.dtypes and not args.quick and suite.dtype_check is not None:
+            reasons = {dtype: suite.dtype_check(dtype) for dtype in dtypes}
+            notes[name] += [reason for reason in reasons.values() if reason]
+            dtypes = [dtype for dtype in dtypes if not reasons[dtype]]
         if args.mem_limit is not None:
             mem_limit = int(args.mem_limit * 2**30)
         else:
@@ -221,14 +229,14 @@ def plan(args: argparse.Namespace, console: Console) -> dict[str, list[Job]]:
                 mem_limit=mem_limit,
             )
             for shape in args.shapes or (suite.quick_shapes if args.quick else suite.shapes)
-            for dtype in args.dtypes or suite.dtypes
+            for dtype in dtypes
             for provider in providers
         ]
         if suite_jobs:
             jobs[name] = suite_jobs
         else:
-            console.print(f"[yellow]note[/yellow] no provider of --providers runs in {name}")
-    return jobs
+            notes[name].append("nothing to run: no selected provider or dtype belongs here")
+    return jobs, notes
 
 
 def _summary(row: dict) -> str:
@@ -248,8 +256,10 @@ def _write_json(data: dict, path: Path) -> None:
     partial.replace(path)  # a run stopped midway never leaves a truncated file
 
 
-def _suite_results(suite: Suite, jobs: list[Job], rows: list, command: str, machine: dict) -> dict:
-    """A suite's JSON: what it measures, how, where, and its rows."""
+def _suite_results(
+    suite: Suite, jobs: list[Job], rows: list, notes: list[str], command: str, machine: dict
+) -> dict:
+    """A suite's JSON: what it measures, how, where, what was left out, and its rows."""
     first = jobs[0]  # every job of a suite shares the run's settings
     limit = first.mem_limit
     return {
@@ -268,11 +278,18 @@ def _suite_results(suite: Suite, jobs: list[Job], rows: list, command: str, mach
             "timeout_s": first.timeout,
             "compile_backend": first.compile_backend,
         },
+        "notes": notes,
         "rows": rows,
     }
 
 
-def run_suites(jobs: dict[str, list[Job]], out: Path, command: str, console: Console) -> list:
+def run_suites(
+    jobs: dict[str, list[Job]],
+    notes: dict[str, list[str]],
+    out: Path,
+    command: str,
+    console: Console,
+) -> list[dict]:
     """Runs every job under a progress bar; writes and returns each suite's results."""
     machine = machine_info()
     results = []
@@ -290,7 +307,7 @@ def run_suites(jobs: dict[str, list[Job]], out: Path, command: str, console: Con
                 progress.console.print(f"{job.title}: {_summary(row)}")
                 progress.advance(task)
                 progress.refresh()
-            data = _suite_results(SUITES[name], suite_jobs, rows, command, machine)
+            data = _suite_results(SUITES[name], suite_jobs, rows, notes[name], command, machine)
             _write_json(data, out / f"{name}.json")
             results.append(data)
     return results
@@ -325,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(out, report_path, console)
         return 0
     command = shlex.join(["python", "benchmarks/run.py", *arguments])
-    results = run_suites(plan(args, console), out, command, console)
+    jobs, notes = plan(args)
+    for name, lines in notes.items():
+        for line in lines:
+            console.print(f"[yellow]note[/yellow] {name}: {line}")
+    results = run_suites(jobs, notes, out, command, console)
     for data in results:
         report.print_suite(data, console)
     write_outputs(out, report_path, console)

@@ -2,6 +2,7 @@
 and one end-to-end ``--quick`` run at tiny shapes. Numbers are never asserted: speed is
 measured by the benchmarks themselves, not by tests."""
 
+import dataclasses
 import doctest
 import json
 import re
@@ -16,7 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) leaves the root off the path
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import harness, machine, memory, plot, report, run  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_cross_entropy,
+    bench_linear_cross_entropy,
+    harness,
+    machine,
+    memory,
+    plot,
+    report,
+    run,
+)
 from benchmarks.harness import Bench, Job, Shape, Skip, Suite  # noqa: E402
 
 
@@ -115,6 +125,30 @@ def test_outcome_turns_failures_into_statuses(build, status, note):
         assert result["median"] is not None and result["repeats"] == 2
 
 
+@pytest.mark.parametrize(
+    "suite", [bench_cross_entropy.SUITE, bench_linear_cross_entropy.SUITE], ids=lambda s: s.name
+)
+def test_every_provider_computes_the_same_gradients(suite):
+    """The rows time the same maths: each provider's gradients equal torch eager's (CCE's
+    inductor compile is too slow for a test; its row is checked by --quick --providers cce)."""
+    shape = Shape(6, 4, 10)
+    grads = {}
+    for provider in suite.providers:
+        torch.manual_seed(0)
+        bench = suite.build(provider, shape, torch.float32, "eager")
+        if provider not in ("floor", "cce"):
+            grads[provider] = bench.step()
+    for provider, value in grads.items():
+        for got, expected in zip(value, grads["torch"], strict=True):
+            torch.testing.assert_close(got, expected, msg=provider)
+
+
+def test_cce_row_is_skipped_without_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # makes the import fail
+    with pytest.raises(Skip, match="pip install --no-deps cut-cross-entropy"):
+        bench_linear_cross_entropy.build("cce", Shape(2, 2, 3), torch.float32, "eager")
+
+
 def test_failure_status_and_death():
     assert harness.failure_status(MemoryError()) == "OOM"
     assert harness.failure_status(RuntimeError("shape mismatch")) == "error"
@@ -132,19 +166,31 @@ def test_backend_of_names_the_resolved_backend():
     assert harness.backend_of(Job(suite, Shape(4, 2, 8), "float32", "torch", 1)) is None
 
 
-def test_plan_quick_leaves_out_compiled_peers_unless_named(capsys):
-    console = run.Console(file=sys.stderr)
-    jobs = run.plan(run.parser().parse_args(["--quick"]), console)
+def test_plan_quick_leaves_out_compiled_peers_unless_named():
+    jobs, notes = run.plan(run.parser().parse_args(["--quick"]))
     assert set(jobs) == {"ce", "linear", "scale"}
     providers = {job.provider for suite_jobs in jobs.values() for job in suite_jobs}
     assert not providers & {"torch.compile", "cce"}
-    assert "--quick leaves out" in capsys.readouterr().err
+    assert "--quick leaves out torch.compile, cce" in notes["linear"][0]
     assert all(job.repeats == 1 and job.mem_limit for job in jobs["scale"])
     assert all(job.mem_limit is None for job in jobs["ce"])
     args = ["--quick", "--suite", "ce", "--providers", "torch.compile,floor", "--mem-limit", "2"]
-    jobs = run.plan(run.parser().parse_args(args), console)
+    jobs, notes = run.plan(run.parser().parse_args(args))
     assert [job.provider for job in jobs["ce"][:2]] == ["torch.compile", "floor"]
     assert all(job.mem_limit == 2 * 2**30 for job in jobs["ce"])
+    assert notes == {"ce": []}
+
+
+def test_plan_leaves_out_a_default_dtype_this_cpu_multiplies_slowly(monkeypatch):
+    reasons = {"bfloat16": "bfloat16 left out: slow here"}
+    linear = dataclasses.replace(run.SUITES["linear"], dtype_check=reasons.get)
+    monkeypatch.setitem(run.SUITES, "linear", linear)
+    jobs, notes = run.plan(run.parser().parse_args(["--suite", "linear,ce"]))
+    assert {job.dtype for job in jobs["linear"]} == {"float32"}
+    assert {job.dtype for job in jobs["ce"]} == {"float32", "bfloat16"}
+    assert notes["linear"] == ["bfloat16 left out: slow here"]
+    jobs, _ = run.plan(run.parser().parse_args(["--suite", "linear", "--dtypes", "bf16"]))
+    assert {job.dtype for job in jobs["linear"]} == {"bfloat16"}
 
 
 def _row(provider, median, peak, status="ok", dtype="float32"):
