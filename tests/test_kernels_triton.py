@@ -8,6 +8,11 @@ span several tiles, most of them not a multiple of the tile.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip(
@@ -533,3 +538,80 @@ def test_cuda_defaults_to_triton_when_installed(monkeypatch, installed):
         assert functional.resolve_backend(None, fn, cuda) == ("triton" if installed else "chunked")
         assert functional.resolve_backend("chunked", fn, cuda) == "chunked"
         assert functional.resolve_backend("triton", fn, torch.device("cpu")) == "triton"
+
+
+def test_cpu_code_runs_without_triton():
+    """Triton is optional: with it made unimportable, the CPU defaults (whatever backend they
+    are) run, and xentkit's Triton module is never imported."""
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # as if it were not installed\n"
+        "import torch, xentkit\n"
+        "x, t = torch.randn(4, 6, requires_grad=True), torch.tensor([0, 5, -100, 2])\n"
+        "xentkit.cross_entropy(x, t).backward()\n"
+        "xentkit.linear_cross_entropy(torch.randn(4, 3), torch.randn(6, 3), t)\n"
+        "assert 'xentkit.kernels.triton' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# The kernels compiled for an H100 (sm_90) by Triton's real compiler, down to a cubin, without a
+# GPU: this catches what the interpreter lets through (globals that are not constexpr, types
+# that change across loop iterations, operations a GPU lacks) and checks the tiles' shared
+# memory fits. bfloat16 with every option on; a fresh process, since TRITON_INTERPRET is set
+# here.
+COMPILE_SCRIPT = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.backends, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+if "nvidia" not in triton.backends.backends:
+    sys.exit(3)
+from xentkit.kernels import triton as kernels
+
+ACC_POINTERS = {"consts_ptr", "ce_ptr", "z_ptr", "lse_ptr", "grad_out_ptr", "grad_h_ptr",
+                "grad_w_ptr", "grad_b_ptr"}
+
+def arg_type(name):
+    if name == "target_ptr":
+        return "*i64"
+    if name.endswith("_ptr"):
+        return "*fp32" if name in ACC_POINTERS else "*bf16"
+    return {"filter_eps": "fp32"}.get(name, "i64" if name.endswith("stride") else "i32")
+
+options = dict(ACC=tl.float32, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z=True, HAS_SOFTCAP=True)
+block_m, block_v, block_d = kernels.LINEAR_TILES[2]
+linear = dict(options, HAS_BIAS=True, DOT=tl.bfloat16, PRECISION="tf32", BLOCK_M=block_m,
+              BLOCK_V=block_v, BLOCK_D=block_d)
+kernels_and_constants = [
+    (kernels._cross_entropy_kernel, dict(options, COMPUTE_GRAD=True, BLOCK_V=8192), 16),
+    (kernels._linear_forward_kernel, linear, kernels.LINEAR_WARPS),
+    (kernels._linear_backward_kernel,
+     dict(linear, HAS_SMOOTHING=False, HAS_FILTER=True, GRAD_H=True, GRAD_W=True, GRAD_B=True),
+     kernels.LINEAR_WARPS),
+]
+shared = {}
+for fn, constants, warps in kernels_and_constants:
+    signature = {n: "constexpr" if n in constants else arg_type(n) for n in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps})
+    assert compiled.asm["cubin"]
+    shared[fn.__name__] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True
+    )
+    if done.returncode == 3:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout.splitlines()[-1])
+    assert len(shared) == 3
+    assert max(shared.values()) <= 227 * 1024  # an H100 block's shared memory
