@@ -313,16 +313,17 @@ def run_suites(
     return results
 
 
-def write_outputs(out: Path, report_path: Path, console: Console) -> None:
-    """Plots and RESULTS.md from every suite's JSON in ``out``."""
+def write_outputs(out: Path, report_path: Path, console: Console) -> bool:
+    """Plots and RESULTS.md from every suite's JSON in ``out``; False when there is none."""
     results = report.load(out)
     if not results:
-        console.print(f"[red]no results JSON in {out}[/red]")
-        return
+        console.print(f"[red]no results JSON in {out}: run the benchmarks first[/red]")
+        return False
     plots = {data["suite"]: plot.plot_suite(data, out / f"{data['suite']}.png") for data in results}
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(report.markdown(results, plots, report_path))
     console.print(f"wrote {', '.join(str(p) for p in plots.values())} and {report_path}")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # a log or a pipe: room for the tables rather than 80 columns
         console.width = max(console.width, 150)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    report_path = args.report or (DEFAULT_REPORT if out == DEFAULT_OUT else out / "RESULTS.md")
+    default_place = out.resolve() == DEFAULT_OUT
+    report_path = args.report or (DEFAULT_REPORT if default_place else out / "RESULTS.md")
     if args.report_only:
         for data in report.load(out):
             report.print_suite(data, console)
-        write_outputs(out, report_path, console)
-        return 0
+        return 0 if write_outputs(out, report_path, console) else 1
     command = shlex.join(["python", "benchmarks/run.py", *arguments])
     jobs, notes = plan(args)
     for name, lines in notes.items():

@@ -237,6 +237,11 @@ def test_report_ratios_and_markdown(tmp_path):
     assert "- torch OOM: why" in text
 
 
+def test_report_only_needs_results(tmp_path, capsys):
+    assert run.main(["--report-only", "--out", str(tmp_path)]) == 1
+    assert "no results JSON" in capsys.readouterr().out
+
+
 def test_quick_run_end_to_end(tmp_path):
     """What ``xentkit bench --quick`` does, at tiny shapes and in float32 only."""
     providers = "xentkit:reference,torch,floor"
