@@ -19,13 +19,13 @@ from benchmarks.harness import Shape, Suite
 
 GIB = 2**30
 MACHINE_BYTES = 24 * GIB  # the machine the claim is about
-# ``--quick``: what the tiny scale case may add to the runner's address space; the torch path
+# ``--quick``: what the tiny scale case may add to its process's address space; the torch path
 # needs over 1 GiB there (two 512 MiB N x V buffers), a fused one a few MiB.
 QUICK_BUDGET = 384 * 2**20
 
 
 def mem_limit(quick: bool) -> int:
-    """The address-space cap of each scale job, in bytes."""
+    """The address-space cap of a scale job, in bytes, worked out in the job's process."""
     if quick:
         return (memory.address_space() or 0) + QUICK_BUDGET
     available = memory.available_memory()

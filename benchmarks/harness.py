@@ -145,7 +145,9 @@ def split_backend(provider: str) -> tuple[str, str | None]:
 
 @dataclass(frozen=True)
 class Job:
-    """One measurement, with everything the forked child needs."""
+    """One measurement, with everything its process needs. ``mem_limit`` (bytes of address
+    space) overrides the suite's own cap, which the job's process works out for itself (it
+    may depend on that process's size and on the memory available when it starts)."""
 
     suite: Suite
     shape: Shape
@@ -156,6 +158,7 @@ class Job:
     timeout: float = 1800.0
     compile_backend: str = "inductor"
     mem_limit: int | None = None
+    quick: bool = False
 
     @property
     def title(self) -> str:
@@ -258,10 +261,13 @@ def _last_line(text: str, limit: int = 200) -> str:
 
 
 def outcome(job: Job) -> dict:
-    """Builds and measures ``job`` in this process; failures become a status and a note."""
+    """Caps, builds and measures ``job`` in this process; failures become a status and a
+    note. Meant for the job's own process: the cap cannot be lifted once set."""
+    limit = job.mem_limit if job.mem_limit is not None else job.suite.mem_limit(job.quick)
+    capped = {"mem_limit_gib": None if limit is None else round(limit / 2**30, 2)}
     try:
-        if job.mem_limit is not None:
-            memory.limit_address_space(job.mem_limit)
+        if limit is not None:
+            memory.limit_address_space(limit)
         torch.manual_seed(0)
         dtype = getattr(torch, job.dtype)
         bench = job.suite.build(job.provider, job.shape, dtype, job.compile_backend)
@@ -269,12 +275,13 @@ def outcome(job: Job) -> dict:
             "status": "ok",
             "inputs_mib": _mib(bench.inputs_bytes),
             **measure(bench, job.repeats, job.warmup, job.suite.single_shot),
+            **capped,
         }
     except Skip as error:
-        return {"status": "skipped", "note": str(error)}
+        return {"status": "skipped", "note": str(error), **capped}
     except BaseException as error:
         traceback.print_exc()
-        return {"status": failure_status(error), "note": failure_note(error)}
+        return {"status": failure_status(error), "note": failure_note(error), **capped}
 
 
 def _child(job: Job, sender, log_path: str) -> None:
@@ -353,6 +360,7 @@ def run(job: Job, tick: Callable[[], None] = lambda: None) -> dict:
         "first_call_s": None,
         "peak_mib": None,
         "inputs_mib": None,
+        "mem_limit_gib": None,
         "note": "",
         **result,
     }

@@ -201,7 +201,8 @@ def markdown(results: list[dict], plots: dict[str, Path], report: Path) -> str:
             parts += [f"- floor: {data['floor_text']}"]
         parts += [f"- repeats: {settings['repeats']}, warm-up calls: {settings['warmup']}"]
         if settings.get("mem_limit_gib") is not None:
-            parts += [f"- address-space cap per provider: {settings['mem_limit_gib']} GiB"]
+            cap = settings["mem_limit_gib"]
+            parts += [f"- address space of each provider's process capped at {cap} GiB"]
         parts += ["", "xentkit against each peer:", ""]
         parts += [_markdown_table(*headline_table(data)), "", "All rows:", ""]
         parts += [_markdown_table(*full_table(data))]

@@ -211,10 +211,7 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, list[Job]], dict[str, list
             reasons = {dtype: suite.dtype_check(dtype) for dtype in dtypes}
             notes[name] += [reason for reason in reasons.values() if reason]
             dtypes = [dtype for dtype in dtypes if not reasons[dtype]]
-        if args.mem_limit is not None:
-            mem_limit = int(args.mem_limit * 2**30)
-        else:
-            mem_limit = suite.mem_limit(args.quick)
+        mem_limit = None if args.mem_limit is None else int(args.mem_limit * 2**30)
         repeats = args.repeats or (QUICK_REPEATS if args.quick else suite.repeats)
         suite_jobs = [
             Job(
@@ -227,6 +224,7 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, list[Job]], dict[str, list
                 timeout=args.timeout,
                 compile_backend=args.compile_backend,
                 mem_limit=mem_limit,
+                quick=args.quick,
             )
             for shape in args.shapes or (suite.quick_shapes if args.quick else suite.shapes)
             for dtype in dtypes
@@ -261,7 +259,7 @@ def _suite_results(
 ) -> dict:
     """A suite's JSON: what it measures, how, where, what was left out, and its rows."""
     first = jobs[0]  # every job of a suite shares the run's settings
-    limit = first.mem_limit
+    caps = [row["mem_limit_gib"] for row in rows if row.get("mem_limit_gib") is not None]
     return {
         "suite": suite.name,
         "title": suite.title,
@@ -274,7 +272,7 @@ def _suite_results(
         "settings": {
             "repeats": first.repeats,
             "warmup": 0 if suite.single_shot else first.warmup,
-            "mem_limit_gib": None if limit is None else round(limit / 2**30, 2),
+            "mem_limit_gib": min(caps) if caps else None,  # the tightest any row ran under
             "timeout_s": first.timeout,
             "compile_backend": first.compile_backend,
         },

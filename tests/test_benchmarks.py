@@ -172,7 +172,7 @@ def test_plan_quick_leaves_out_compiled_peers_unless_named():
     providers = {job.provider for suite_jobs in jobs.values() for job in suite_jobs}
     assert not providers & {"torch.compile", "cce"}
     assert "--quick leaves out torch.compile, cce" in notes["linear"][0]
-    assert all(job.repeats == 1 and job.mem_limit for job in jobs["scale"])
+    assert all(job.repeats == 1 and job.quick for job in jobs["scale"])
     assert all(job.mem_limit is None for job in jobs["ce"])
     args = ["--quick", "--suite", "ce", "--providers", "torch.compile,floor", "--mem-limit", "2"]
     jobs, notes = run.plan(run.parser().parse_args(args))
@@ -267,6 +267,7 @@ def test_quick_run_end_to_end(tmp_path):
     # and their gradient do not fit, and the harness says so instead of dying.
     scale = {row["provider"]: row for row in results["scale"]["rows"]}
     assert scale["torch"]["status"] == "OOM" and "could not allocate" in scale["torch"]["note"]
+    assert results["scale"]["settings"]["mem_limit_gib"] < 64
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert markdown.count("## ") == 3 and "× torch" in markdown
     assert "Cross entropy, forward + backward" in done.stdout
