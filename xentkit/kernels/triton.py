@@ -304,8 +304,8 @@ def _linear_forward_kernel(
             h_ptr, h_stride, w_ptr, w_stride, bias_ptr, rows, cols, row_mask, col_mask, dim,
             softcap, ACC, HAS_BIAS, HAS_SOFTCAP, DOT, PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
-        # As in the cross-entropy kernel; logits from a matmul are finite, so only the
-        # initial -inf needs the guard.
+        # As in the cross-entropy kernel (a bias of -inf masks classes: a whole tile of a row
+        # can be -inf).
         m_new = tl.maximum(m, tl.max(x, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
@@ -394,8 +394,9 @@ def _linear_backward_kernel(
         is_target = cols[None, :] == target[:, None]
         keep = True
         if HAS_FILTER:
-            # Cut Cross-Entropy's gradient filter: a tile whose softmax values are all below
-            # filter_eps and which holds no target adds nothing float32 can see.
+            # Cut Cross-Entropy's gradient filter: skip a tile that holds no target and whose
+            # softmax values are all below filter_eps; each gradient entry it would have added
+            # is below filter_eps times its row's scale (see linear_cross_entropy).
             significant = tl.where(is_target & counted[:, None], 1.0, p)
             keep = tl.max(tl.max(significant, 1), 0) >= filter_eps
         if keep:
@@ -759,14 +760,18 @@ def linear_cross_entropy(
     tile by tile and accumulates ``grad_input`` and ``grad_weight`` in float32 (float64 for
     float64 input).
 
-    Gradient filtering: with ``filter_eps`` set, backward skips a ``(rows, classes)`` tile
-    whose softmax values are all below ``filter_eps`` and which holds none of its rows'
-    targets, as Cut Cross-Entropy does. Every gradient entry it drops is below
-    ``filter_eps * |scale|`` (the reduction's scale times ``grad_output``), so each row of
-    ``grad_input`` moves by at most ``V * filter_eps * |scale| * max|weight|``; the default,
-    ``FILTER_EPS`` = 2**-28 (float32's machine epsilon / 32), keeps the result equal to the
-    unfiltered one to float32 rounding. Label smoothing adds a gradient that does not shrink
-    with the softmax, so it turns the filter off; ``filter_eps=None`` turns it off too.
+    Gradient filtering (Cut Cross-Entropy's): with ``filter_eps`` set, backward skips a
+    ``(rows, classes)`` tile that holds none of its rows' targets and whose softmax values are
+    all below ``filter_eps``. A dropped entry of the logits' gradient is :math:`p_{ij} c_i`
+    with :math:`p_{ij}` < ``filter_eps`` and :math:`c_i = a_i w_{t_i} + 2 b_i z\,\mathrm{lse}_i`
+    (:math:`a_i, b_i`: the reduction's scales times ``grad_output``), so row ``i`` of
+    ``grad_input`` moves by less than ``V * filter_eps * |c_i| * max_j |weight[j]|``. The
+    default, ``FILTER_EPS`` = 2**-28 (float32's machine epsilon / 32, CCE's "auto" for
+    float32), puts each dropped entry below float32's rounding of an entry of size
+    :math:`|c_i|/16`: the result equals the unfiltered one to float32 rounding unless a row's
+    whole gradient is that small (a target predicted with :math:`1 - p_t < 10^{-7}`). Label
+    smoothing adds a gradient that does not shrink with the softmax, so it turns the filter
+    off; ``filter_eps=None`` turns it off too.
 
     Args:
         hidden: ``(M, D)`` hidden states.
