@@ -167,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
         help="torch.compile backend of the torch.compile rows (CCE always uses inductor)",
     )
     p.add_argument(
+        "--dry-run", action="store_true", help="list the rows the run would measure, run nothing"
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: remake the tables, plots and RESULTS.md from the JSON in --out",
@@ -345,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, lines in notes.items():
         for line in lines:
             console.print(f"[yellow]note[/yellow] {name}: {line}")
+    if args.dry_run:
+        for job in (job for suite_jobs in jobs.values() for job in suite_jobs):
+            console.print(job.title, markup=False)
+        console.print(f"{sum(map(len, jobs.values()))} rows; results would go to {out}")
+        return 0
     results = run_suites(jobs, notes, out, command, console)
     for data in results:
         report.print_suite(data, console)

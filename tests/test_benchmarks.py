@@ -237,6 +237,13 @@ def test_report_ratios_and_markdown(tmp_path):
     assert "- torch OOM: why" in text
 
 
+def test_dry_run_lists_the_default_rows(capsys):
+    assert run.main(["--dry-run", "--suite", "ce"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ce N=4096 V=32768 float32 xentkit"
+    assert lines[-1].startswith("20 rows; results would go to")
+
+
 def test_report_only_needs_results(tmp_path, capsys):
     assert run.main(["--report-only", "--out", str(tmp_path)]) == 1
     assert "no results JSON" in capsys.readouterr().out
