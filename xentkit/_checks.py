@@ -275,3 +275,13 @@ def check_dim(input: Tensor, dim: int) -> None:
             f"Dimension out of range: dim={dim} for an input with {input.dim()} dimensions "
             f"(shape {tuple(input.shape)}); expected dim in [{-ndim}, {ndim - 1}]."
         )
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"chunk_size must be a positive int (tokens per chunk) or None (chosen from V and "
+            f"D), got {chunk_size!r}."
+        )

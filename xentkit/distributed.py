@@ -718,8 +718,7 @@ def linear_cross_entropy(
             raise ValueError(f"input must be float16/bfloat16/float32/float64, got {input.dtype}.")
         _check_weight(class_weight, input.dtype, "class_weight")
         _check_options(reduction, label_smoothing, z_loss, softcap)
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        _checks.check_chunk_size(chunk_size)
 
     def report() -> dict[str, int]:
         backward = int(grad_on and input.requires_grad)

@@ -368,6 +368,7 @@ def linear_cross_entropy(
         )
     _checks.check_reduction(reduction)
     _checks.check_options(label_smoothing, z_loss, softcap)
+    _checks.check_chunk_size(chunk_size)
     _checks.check_linear(input, weight, target, bias)
     hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     _checks.check_class_weight(class_weight, weight.shape[0], input.dtype, "class_weight")

@@ -336,13 +336,6 @@ def linear_cross_entropy(
         ...                      0.0, None, None)
         tensor([0.4644, 0.1967])
     """
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(
-            f"chunk_size must be a positive int (tokens per chunk) or None (chosen from V and "
-            f"D), got {chunk_size!r}."
-        )
     options = (ignore_index, label_smoothing, z_loss, softcap)
     params = (hidden, weight, bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
