@@ -270,7 +270,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert [row["provider"] for row in ce_rows] == ["xentkit:reference", "torch", "floor"] * 2
     assert all(row["status"] == "ok" and row["peak_mib"] is not None for row in ce_rows)
     assert {row["backend"] for row in ce_rows} == {"reference", None}
-    # The quick scale case caps each process at 384 MiB over the runner: torch's N x V logits
+    # The quick scale case caps each process at 768 MiB over its size: torch's N x V logits
     # and their gradient do not fit, and the harness says so instead of dying.
     scale = {row["provider"]: row for row in results["scale"]["rows"]}
     assert scale["torch"]["status"] == "OOM" and "could not allocate" in scale["torch"]["note"]
