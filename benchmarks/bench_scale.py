@@ -4,8 +4,9 @@ At N=16384 tokens, D=1024 and V=256000 in float32 the logits alone take 16 GiB a
 backward needs about three such buffers; a fused implementation needs the weight, its float32
 gradient (1 GiB each) and one chunk of logits. Each provider runs once (one call takes minutes
 on a small CPU) in its own process whose address space is capped at 24 GiB, or at 95% of the
-memory available when the run starts if that is less, so a provider that needs more fails with
-an allocation error, reported as ``OOM``, instead of swapping or waking the OOM killer.
+memory available when that process starts if that is less, so a provider that needs more fails
+with an allocation error, reported as ``OOM``, instead of swapping or waking the OOM killer.
+(Address space is at least the resident memory, so the cap errs on the strict side.)
 
 The providers are those of :mod:`benchmarks.bench_linear_cross_entropy`, without the floor
 (its own ``N x V`` products would not fit either).
