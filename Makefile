@@ -30,6 +30,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(WHEELS) -c constraints-dev.txt \
+		-e ".[$(EXTRAS),bench]"
 	$(BIN)/xentkit bench
 
 format: $(STAMP)
