@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,triton,transformers
 
-.PHONY: demo test bench lint format clean
+.PHONY: demo test bench format clean
 
 # Local wheels (the CPU build of torch on this project's machines) are used when present.
 WHEELS  := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
