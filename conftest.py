@@ -1,4 +1,4 @@
-"""Shared test settings.
+"""Shared test settings, for the tests and the doctests of the package.
 
 TRITON_INTERPRET must be set before Triton is first imported, so the Triton kernels run on
 CPU tensors through the interpreter in every test process.
