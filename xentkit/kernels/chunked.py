@@ -1,22 +1,203 @@
 """Fused cross entropy in torch ops: the loss and its gradient in one pass over the logits.
 
-The gradient of cross entropy with respect to the logits is known in closed form once the
-row's log-sum-exp is, so the forward pass writes it into one buffer and the backward pass only
-scales that buffer by ``grad_output``. The formulas are those of
-:func:`xentkit.reference.cross_entropy_terms`; the tests hold every path here to it.
+Once a row's log-sum-exp is known, the gradient of cross entropy with respect to that row's
+logits is known in closed form, so the forward pass writes it into one buffer and the backward
+pass only scales that buffer by ``grad_output``. The row passes (max, sum of exponentials,
+gradient) live in one function, :func:`_fused_rows`, that runs two ways:
+
+* compiled by ``torch.compile``'s C++ (inductor) backend, once per dtype and set of options,
+  with dynamic shapes so that a new batch size never recompiles: the generated loop walks the
+  rows one at a time and runs all three passes over a row while it is in cache, so the logits
+  are read from memory once and the gradient written once;
+* eagerly, over chunks of rows sized to stay in cache, where no C++ compiler is available
+  (chosen automatically when compiling fails, or forced with ``XENTKIT_NO_COMPILE=1`` or
+  :func:`set_compile`).
+
+The formulas are those of :func:`xentkit.reference.cross_entropy_terms`; the tests hold both
+ways to it and to PyTorch.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 from torch import Tensor
 
 from xentkit import reference
 
+# Elements per chunk of rows in the eager path: about 2 MiB of float32, so a chunk and the
+# few temporaries made from it stay in the L2/L3 cache between the passes.
+EAGER_CHUNK_ELEMENTS = 1 << 19
 
-def _as_scale(scale: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A scalar or per-row ``(m,)`` scale as a tensor that broadcasts over rows."""
-    return torch.as_tensor(scale, dtype=dtype, device=device)
+_compile_enabled = os.environ.get("XENTKIT_NO_COMPILE", "") in ("", "0")
+_compiled = None
+
+
+def set_compile(enabled: bool) -> None:
+    """Use the compiled kernel (``True``, the default unless ``XENTKIT_NO_COMPILE=1`` is set)
+    or the eager one (``False``)."""
+    global _compile_enabled
+    _compile_enabled = enabled
+
+
+def compile_enabled() -> bool:
+    """Whether the next call tries the compiled kernel (False after compiling has failed)."""
+    return _compile_enabled
+
+
+def reset_compiled() -> None:
+    """Forget the compiled kernel, so that the next call compiles again (what the benchmarks
+    time as the first call). Compiled code lives in torch's dynamo cache, which this resets
+    for every function."""
+    global _compiled
+    _compiled = None
+    torch._dynamo.reset()
+
+
+def _fused_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    smooth: bool,
+    softcap: Tensor | None,
+    p_coef: Tensor | None,
+    t_coef: Tensor | None,
+    s_coef: Tensor | None,
+    z_coef: Tensor | None,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""The row passes over ``(m, V)`` logits: row maxima, sums of exponentials, the smoothing
+    sums and, when ``out`` is given, the gradient written into it.
+
+    With :math:`x' = c \tanh(x / c)` (``softcap``) and :math:`s_i = \max_j x'_{ij}`
+    (0 when infinite), it returns :math:`\max_j x'_{ij}`, :math:`S_i = \sum_j e^{x'_{ij} - s_i}`
+    and (``smooth``) :math:`\sum_j w_j (x'_{ij} - s_i)`, and writes
+
+    .. math:: g_{ij} = \frac{e^{x'_{ij} - s_i}}{S_i}\,(P_i + Z_i\,\mathrm{lse}_i)
+              - T_i [j = t_i] - E_i w_j
+
+    times :math:`1 - \tanh^2(x_{ij}/c)` with a softcap, where ``p_coef``, ``t_coef``,
+    ``s_coef``, ``z_coef`` are the per-row :math:`P, T, E, Z` of :func:`_row_coefficients`
+    (``s_coef``/``z_coef`` None for zero terms). ``target`` holds valid class ids (ignored rows
+    have zero coefficients) and ``weight`` is in the accumulation dtype.
+    """
+    acc = reference.accumulation_dtype(logits.dtype)
+    x = logits.to(acc)
+
+    # The capped logits are recomputed in each pass instead of kept: inductor on CPU stores a
+    # reused tanh as a full (m, V) buffer, which splits the one loop over rows into several.
+    def capped() -> Tensor:
+        return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+    row_max = capped().amax(-1, keepdim=True)
+    # An all -inf row keeps a shift of 0 so that exp(-inf - shift) is 0, not NaN.
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+    exps = torch.exp(capped() - shift)
+    sum_exp = exps.sum(-1, keepdim=True)
+    smooth_sum = None
+    if smooth:
+        shifted = capped() - shift
+        smooth_sum = (shifted if weight is None else shifted * weight).sum(-1)
+
+    if out is not None:
+        coef = p_coef.unsqueeze(1)
+        if z_coef is not None:
+            # The log of the broadcast sum keeps the log-sum-exp inside the row loop: inductor
+            # would store a per-row log as its own buffer and split the loop.
+            lse = shift + torch.log(sum_exp.expand_as(exps))
+            coef = coef + z_coef.unsqueeze(1) * lse
+        classes = torch.arange(x.shape[-1], device=x.device)
+        one_hot = torch.where(classes == target.unsqueeze(1), t_coef.unsqueeze(1), 0.0)
+        grad = exps * (coef / sum_exp) - one_hot
+        if s_coef is not None:
+            s = s_coef.unsqueeze(1)
+            grad = grad - (s if weight is None else s * weight)
+        if softcap is not None:
+            tanh = torch.tanh(x / softcap)
+            grad = grad * (1 - tanh * tanh)  # d(c tanh(x / c)) / dx
+        out.copy_(grad)
+    return row_max.squeeze(1), sum_exp.squeeze(1), smooth_sum
+
+
+def _row_coefficients(
+    counted: Tensor,
+    w_t: Tensor,
+    total_w: Tensor | float,
+    num_classes: int,
+    label_smoothing: float,
+    z_loss: float,
+    ce_scale: float | Tensor,
+    z_scale: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    r"""Per-row coefficients of the gradient of :math:`\sum_i a_i \mathrm{ce}_i + b_i z_i`.
+
+    :math:`\partial/\partial x'_{ij} = p_{ij}(P_i + Z_i \mathrm{lse}_i) - T_i[j = t_i]
+    - E_i w_j` with :math:`P = a((1-\varepsilon) w_t + \varepsilon W / C)`,
+    :math:`T = a(1-\varepsilon) w_t`, :math:`E = a \varepsilon / C`, :math:`Z = 2 b z`
+    (all 0 on ignored rows), differentiating the terms of
+    :func:`xentkit.reference.cross_entropy_terms` through :math:`\partial \mathrm{lse} /
+    \partial x' = p`.
+    """
+    eps = label_smoothing
+    a = torch.where(counted, torch.as_tensor(ce_scale, dtype=w_t.dtype, device=w_t.device), 0.0)
+    t_coef = (1 - eps) * a * w_t
+    p_coef = t_coef + a * (eps * total_w / num_classes) if eps else t_coef
+    s_coef = a * (eps / num_classes) if eps else None
+    z_coef = None
+    if z_loss:
+        b = torch.as_tensor(z_scale, dtype=w_t.dtype, device=w_t.device)
+        z_coef = torch.where(counted, 2 * z_loss * b, 0.0)
+    return p_coef, t_coef, s_coef, z_coef
+
+
+def _run_rows(logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_fused_rows` over all rows: compiled in one call, or eagerly chunk by chunk."""
+    global _compiled, _compile_enabled
+    m, num_classes = logits.shape
+    # Sizes 0 and 1 are specialised by torch.compile even with dynamic shapes; one row is
+    # cheap eagerly and never worth a compilation.
+    if _compile_enabled and m > 1 and num_classes > 1:
+        if _compiled is None:
+            _compiled = torch.compile(_fused_rows, dynamic=True)
+        # In place, `out` is the logits: a detached alias keeps the two arguments distinct
+        # objects without autograd state, as inductor needs. Each row is read before its
+        # gradient is written over it.
+        dest = None if out is None else out.detach()
+        try:
+            return _compiled(logits, *args, dest)
+        except Exception as error:  # no C++ compiler, or an unsupported platform
+            result = _eager_rows(logits, out, *args)  # raises when the input is at fault
+            _compile_enabled = False
+            warnings.warn(
+                f"xentkit: compiling the fused cross-entropy kernel failed ({error!r:.200}); "
+                "using the eager kernel from now on. Set XENTKIT_NO_COMPILE=1 to skip the try.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return result
+    return _eager_rows(logits, out, *args)
+
+
+def _eager_rows(logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_fused_rows` over chunks of rows sized to stay in cache."""
+    target, weight, smooth, softcap, *coefs = args
+    m, num_classes = logits.shape
+    rows = max(1, EAGER_CHUNK_ELEMENTS // max(num_classes, 1))
+    parts = []
+    for start in range(0, m, rows):
+        chunk = slice(start, start + rows)
+        chunk_coefs = [None if c is None else c[chunk] for c in coefs]
+        dest = None if out is None else out[chunk]
+        parts.append(
+            _fused_rows(logits[chunk], target[chunk], weight, smooth, softcap, *chunk_coefs, dest)
+        )
+    if not parts:
+        empty = logits.new_empty(0, dtype=reference.accumulation_dtype(logits.dtype))
+        return empty, empty, empty if smooth else None
+    row_max, sum_exp, smooth_sum = zip(*parts, strict=True)
+    return torch.cat(row_max), torch.cat(sum_exp), torch.cat(smooth_sum) if smooth else None
 
 
 def loss_and_grad(
@@ -78,50 +259,213 @@ def loss_and_grad(
     safe_target = torch.where(counted, target, 0)
     w = None if weight is None else weight.to(acc)
     w_t = counted.to(acc) if w is None else torch.where(counted, w[safe_target], 0.0)
-
-    x = logits.to(acc)  # the logits themselves when already in the accumulation dtype
-    tanh = None
-    if softcap is not None:
-        tanh = torch.tanh(x / softcap)
-        x = tanh * softcap
-    # Subtracting the row max keeps exp finite; an all -inf row keeps max 0 (as the reference).
-    row_max = x.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
-    shifted = x.sub_(row_max) if x is not logits else x - row_max
-
-    target_shifted = shifted.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-    if eps:
-        weighted_sum = shifted.sum(-1) if w is None else shifted @ w
-    exps = shifted.exp_()  # from here on the buffer holds exp(x' - max)
-    sum_exp = exps.sum(-1)
-    log_sum = sum_exp.log()
-    lse = row_max.squeeze(1) + log_sum
-
-    # lse - x'_t = log_sum - (x'_t - max): the max cancels without rounding.
-    ce = torch.where(counted, w_t * (log_sum - target_shifted), 0.0)
     total_w = num_classes if w is None else w.sum()
-    if eps:
-        smooth = torch.where(counted, (total_w * log_sum - weighted_sum) / num_classes, 0.0)
-        ce = (1 - eps) * ce + eps * smooth
-    z = torch.where(counted, z_loss * lse * lse, 0.0) if z_loss else torch.zeros_like(lse)
-    if ce_scale is None:
-        return ce, z, None
+    cap = None if softcap is None else torch.tensor(softcap, dtype=acc, device=logits.device)
 
-    a = _as_scale(ce_scale, acc, logits.device)
-    coef = a * ((1 - eps) * w_t + eps * total_w / num_classes)
-    if z_loss:
-        coef = coef + _as_scale(z_scale, acc, logits.device) * (2 * z_loss) * lse
-    grad = exps.mul_((torch.where(counted, coef, 0.0) / sum_exp).unsqueeze(1))
-    grad.scatter_add_(1, safe_target.unsqueeze(1), (-(1 - eps) * a * w_t).unsqueeze(1))
+    # The target logits are read first: the gradient may be written over the logits.
+    x_t = reference.apply_softcap(
+        logits.gather(1, safe_target.unsqueeze(1)).squeeze(1).to(acc), softcap
+    )
+    coefs = (None,) * 4
+    if ce_scale is not None:
+        coefs = _row_coefficients(
+            counted, w_t, total_w, num_classes, eps, z_loss, ce_scale, z_scale
+        )
+        if out is None:
+            out = torch.empty_like(logits)
+    source = logits.detach()
+    if not source.is_contiguous():
+        source = source.contiguous()
+    with torch.no_grad():
+        row_max, sum_exp, smooth_sum = _run_rows(
+            source, out, safe_target, w if eps else None, bool(eps), cap, *coefs
+        )
+
+    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+    log_sum = sum_exp.log()
+    # lse - x'_t = log_sum - (x'_t - shift): the shift cancels without rounding.
+    ce = torch.where(counted, w_t * (log_sum - (x_t - shift)), 0.0)
     if eps:
-        smooth_row = (a * eps / num_classes) * counted
-        grad.sub_(smooth_row.unsqueeze(1) if w is None else torch.outer(smooth_row, w))
-    # An ignored row has zero gradient even where its logits make exp NaN (all -inf).
-    ignored = (~counted).nonzero().squeeze(1)
-    if ignored.numel():
-        grad.index_fill_(0, ignored, 0.0)
-    if tanh is not None:
-        grad.mul_(tanh.square_().neg_().add_(1))  # d(c tanh(x/c))/dx = 1 - tanh(x/c)^2
-    if out is not None:
-        return ce, z, out.copy_(grad)
-    return ce, z, grad.to(logits.dtype)
+        smooth = torch.where(counted, (total_w * log_sum - smooth_sum) / num_classes, 0.0)
+        ce = (1 - eps) * ce + eps * smooth
+    lse = shift + log_sum
+    z = torch.where(counted, z_loss * lse * lse, 0.0) if z_loss else torch.zeros_like(lse)
+    return ce, z, None if ce_scale is None else out
+
+
+def _forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    compute_grad: bool,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The reduced loss of :func:`cross_entropy` and the gradient of that loss (before
+    ``grad_output``) when ``compute_grad``, written into ``out`` (allocated when None)."""
+    acc = reference.accumulation_dtype(logits.dtype)
+    ce_scale = z_scale = 1.0
+    if reduction == "mean":
+        # The denominators of reference.reduce_cross_entropy: sum of the counted rows'
+        # target weights for the cross entropy, number of counted rows for the z-loss.
+        counted = target != ignore_index
+        if weight is None:
+            denominator = counted.sum().to(acc)
+        else:
+            safe_target = torch.where(counted, target, 0)
+            denominator = torch.where(counted, weight.to(acc)[safe_target], 0.0).sum()
+        count = counted.sum().to(acc)
+        ce_scale, z_scale = 1 / denominator, 1 / count
+    scale = ce_scale if compute_grad else None
+    ce, z, grad = loss_and_grad(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, z_scale, out
+    )
+    if reduction == "none":
+        return (ce + z if z_loss else ce), grad
+    if reduction == "sum":
+        return (ce + z).sum() if z_loss else ce.sum(), grad
+    loss = ce.sum() / denominator
+    return (loss + z.sum() / count if z_loss else loss), grad
+
+
+def _scale_gradient(grad: Tensor, grad_output: Tensor, reduction: str) -> Tensor:
+    """The saved gradient times ``grad_output``, in place: the buffer is not needed after."""
+    if reduction == "none":
+        return grad.mul_(grad_output.unsqueeze(1))
+    # loss.backward() passes 1: skip a pass over the buffer (not while tracing, where the
+    # value is unknown).
+    if not torch.compiler.is_compiling() and bool(grad_output == 1):
+        return grad
+    return grad.mul_(grad_output)
+
+
+@torch.library.custom_op("xentkit::chunked_cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Loss and gradient buffer (empty when not ``compute_grad``) as one opaque op, so that a
+    ``torch.compile`` of the caller keeps the fused kernel whole."""
+    loss, grad = _forward(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        compute_grad,
+    )  # fmt: skip
+    return loss, logits.new_empty(0) if grad is None else grad
+
+
+@_cross_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad):
+    acc = reference.accumulation_dtype(logits.dtype)
+    shape = logits.shape[:1] if reduction == "none" else ()
+    buffer = torch.empty_like(logits) if grad else logits.new_empty(0)
+    return logits.new_empty(shape, dtype=acc), buffer
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.reduction = inputs[4]
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_buffer: Tensor):
+    (grad,) = ctx.saved_tensors
+    return _scale_gradient(grad, grad_loss, ctx.reduction), *(None,) * 8
+
+
+_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("xentkit::chunked_cross_entropy_inplace_", mutates_args=("logits",))
+def _cross_entropy_inplace_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> Tensor:
+    """The loss; the gradient is written over ``logits``."""
+    options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _forward(logits, target, *options, compute_grad=True, out=logits)[0]
+
+
+@_cross_entropy_inplace_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    shape = logits.shape[:1] if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=reference.accumulation_dtype(logits.dtype))
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """Cross entropy whose gradient lives in the logits' own storage (a mutating op cannot
+    carry an autograd formula of its own, so this Function does)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, *options) -> Tensor:
+        loss = _cross_entropy_inplace_op(logits, target, *options)
+        ctx.reduction = options[2]
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        (grad,) = ctx.saved_tensors
+        return _scale_gradient(grad, grad_loss, ctx.reduction), *(None,) * 7
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    r"""Cross entropy of index targets with the gradient computed in the forward pass.
+
+    Values and gradients are those of :func:`xentkit.reference.cross_entropy` (see
+    :func:`loss_and_grad` for the per-row terms and their gradient); the backward pass only
+    multiplies the stored gradient by ``grad_output`` (row by row for ``reduction="none"``).
+    No gradient is computed when ``logits`` does not require one. It is a
+    ``torch.library`` custom op, so ``torch.compile`` of a caller traces through it.
+
+    Args:
+        logits: ``(M, C)`` rows of logits, any floating dtype (accumulated in float32,
+            float64 for float64).
+        target: ``(M,)`` int64 class ids or ``ignore_index``.
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`xentkit.cross_entropy` (already validated).
+        inplace_backward: write the gradient over ``logits`` instead of a new ``(M, C)``
+            buffer; the logits' values are destroyed by the call.
+    Returns:
+        ``(M,)`` for ``reduction="none"``, else a scalar; in float32 (float64 for float64).
+
+    Example:
+        >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]], requires_grad=True)
+        >>> loss = cross_entropy(logits, torch.tensor([2, 1]), None, -100, "mean", 0.0, 0.0, None)
+        >>> loss.detach()
+        tensor(0.3306)
+        >>> loss.backward()
+        >>> logits.grad
+        tensor([[ 0.1156,  0.0701, -0.1857],
+                [ 0.0337, -0.0893,  0.0556]])
+    """
+    options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and compute_grad:
+        return _InplaceCrossEntropy.apply(logits, target, *options)
+    return _cross_entropy_op(logits, target, *options, compute_grad)[0]
