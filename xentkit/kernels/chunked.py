@@ -332,15 +332,24 @@ def _forward(
     return (loss + z.sum() / count if z_loss else loss), grad
 
 
-def _scale_gradient(grad: Tensor, grad_output: Tensor, reduction: str) -> Tensor:
-    """The saved gradient times ``grad_output``, in place: the buffer is not needed after."""
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``): the stored
+    gradient may then be needed again and must not be scaled in place. True while tracing,
+    where the scaling is functional anyway, and on torch versions that cannot tell."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return torch.compiler.is_compiling() or keeps is None or keeps()
+
+
+def _scale_gradient(grad: Tensor, grad_output: Tensor | None, reduction: str) -> Tensor | None:
+    """The stored gradient times ``grad_output``: in place unless the graph is kept, so the
+    backward pass needs no second (M, C) buffer."""
+    if grad_output is None:
+        return None
     if reduction == "none":
-        return grad.mul_(grad_output.unsqueeze(1))
-    # loss.backward() passes 1: skip a pass over the buffer (not while tracing, where the
-    # value is unknown).
-    if not torch.compiler.is_compiling() and bool(grad_output == 1):
-        return grad
-    return grad.mul_(grad_output)
+        grad_output = grad_output.unsqueeze(1)
+    elif not torch.compiler.is_compiling() and bool(grad_output == 1):
+        return grad  # loss.backward(): nothing to scale
+    return grad * grad_output if _graph_is_kept() else grad.mul_(grad_output)
 
 
 @torch.library.custom_op("xentkit::chunked_cross_entropy", mutates_args=())
@@ -375,6 +384,9 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.reduction = inputs[4]
     ctx.save_for_backward(output[1])
+    # Without this autograd would fill an (M, C) zero gradient for the unused buffer output.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_buffer: Tensor):
