@@ -38,16 +38,18 @@ FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 4e-3}
 
 @contextlib.contextmanager
 def kernel_mode(compiled: bool, chunk_rows: int | None = None, num_classes: int = 1):
-    """Run the compiled or the eager kernel, the eager one over chunks of ``chunk_rows``."""
-    saved = chunked.compile_enabled(), chunked.EAGER_CHUNK_ELEMENTS
+    """Run the compiled kernel (whatever the input's size) or the eager one, over chunks of
+    ``chunk_rows``."""
+    saved = chunked.compile_enabled(), chunked.EAGER_CHUNK_ELEMENTS, chunked.COMPILE_MIN_ELEMENTS
     chunked.set_compile(compiled)
+    chunked.COMPILE_MIN_ELEMENTS = 0
     if chunk_rows is not None:
         chunked.EAGER_CHUNK_ELEMENTS = chunk_rows * num_classes
     try:
         yield
     finally:
         chunked.set_compile(saved[0])
-        chunked.EAGER_CHUNK_ELEMENTS = saved[1]
+        chunked.EAGER_CHUNK_ELEMENTS, chunked.COMPILE_MIN_ELEMENTS = saved[1:]
 
 
 def close(actual, expected, tol):
@@ -253,9 +255,10 @@ def test_gradcheck_eager(reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_ignored_and_empty_as_torch(reduction):
-    logits = torch.randn(4, 5)
-    for target in (torch.full((4,), -100), torch.empty(0, dtype=torch.long)):
-        rows = logits[: len(target)]
+    cases = [(torch.randn(4, 5), torch.full((4,), -100))]
+    cases += [(torch.randn(0, 5), torch.empty(0, dtype=torch.long))]
+    cases += [(torch.randn(2, 0), torch.full((2,), -100))]  # no classes at all
+    for rows, target in cases:
         target_of[0] = target
         with kernel_mode(False):
             ours = value_and_grad(kernel_ce(None, -100, reduction), rows)
@@ -323,6 +326,27 @@ def test_backward_twice_with_retain_graph():
     (first,) = torch.autograd.grad(loss, leaf, g, retain_graph=True)
     (second,) = torch.autograd.grad(loss, leaf, g)
     torch.testing.assert_close(first, second)
+
+
+def test_differentiating_twice_raises_a_clear_error():
+    logits, target, _ = make_case(torch.Generator().manual_seed(4), 6, 5, torch.float64)
+    leaf = logits.requires_grad_()
+    with kernel_mode(False):
+        loss = chunked.cross_entropy(leaf, target, None, -100, "sum", 0.0, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"no second derivative.*backend='reference'"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+def test_weight_requiring_grad_runs_the_reference():
+    gen = torch.Generator().manual_seed(4)
+    logits, target, weight = make_case(gen, 6, 5, torch.float64, 0.3, weighted=True)
+    inputs = (logits.requires_grad_(), (weight + 0.1).requires_grad_())
+
+    def fn(x, w):
+        return chunked.cross_entropy(x, target, w, -100, "mean", 0.1, 1e-2, 3.0)
+
+    with kernel_mode(False):
+        assert torch.autograd.gradcheck(fn, inputs)
 
 
 def test_falls_back_to_eager_when_compiling_fails(monkeypatch):

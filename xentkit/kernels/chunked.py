@@ -9,9 +9,9 @@ gradient) live in one function, :func:`_fused_rows`, that runs two ways:
   with dynamic shapes so that a new batch size never recompiles: the generated loop walks the
   rows one at a time and runs all three passes over a row while it is in cache, so the logits
   are read from memory once and the gradient written once;
-* eagerly, over chunks of rows sized to stay in cache, where no C++ compiler is available
-  (chosen automatically when compiling fails, or forced with ``XENTKIT_NO_COMPILE=1`` or
-  :func:`set_compile`).
+* eagerly, over chunks of rows sized to stay in cache: for inputs below
+  :data:`COMPILE_MIN_ELEMENTS`, and where no C++ compiler is available (chosen automatically
+  when compiling fails, or forced with ``XENTKIT_NO_COMPILE=1`` or :func:`set_compile`).
 
 The formulas are those of :func:`xentkit.reference.cross_entropy_terms`; the tests hold both
 ways to it and to PyTorch.
@@ -30,6 +30,10 @@ from xentkit import reference
 # Elements per chunk of rows in the eager path: about 2 MiB of float32, so a chunk and the
 # few temporaries made from it stay in the L2/L3 cache between the passes.
 EAGER_CHUNK_ELEMENTS = 1 << 19
+
+# Smaller inputs run the eager kernel: a compilation (seconds, once per dtype and set of
+# options) would not pay for itself, and the eager kernel is fast enough on them.
+COMPILE_MIN_ELEMENTS = 1 << 20
 
 _compile_enabled = os.environ.get("XENTKIT_NO_COMPILE", "") in ("", "0")
 _compiled = None
@@ -156,9 +160,9 @@ def _run_rows(logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor, Tensor
     """:func:`_fused_rows` over all rows: compiled in one call, or eagerly chunk by chunk."""
     global _compiled, _compile_enabled
     m, num_classes = logits.shape
-    # Sizes 0 and 1 are specialised by torch.compile even with dynamic shapes; one row is
-    # cheap eagerly and never worth a compilation.
-    if _compile_enabled and m > 1 and num_classes > 1:
+    # Sizes 0 and 1 are specialised by torch.compile even with dynamic shapes: they are
+    # small, so they never reach it.
+    if _compile_enabled and m > 1 and num_classes > 1 and m * num_classes >= COMPILE_MIN_ELEMENTS:
         if _compiled is None:
             _compiled = torch.compile(_fused_rows, dynamic=True)
         # In place, `out` is the logits: a detached alias keeps the two arguments distinct
@@ -254,6 +258,10 @@ def loss_and_grad(
     """
     acc = reference.accumulation_dtype(logits.dtype)
     num_classes = logits.shape[-1]
+    if num_classes == 0:  # valid only when every target is ignored: nothing to compute
+        zeros = logits.new_zeros(target.shape, dtype=acc)
+        grad = torch.empty_like(logits) if out is None else out
+        return zeros, zeros.clone(), None if ce_scale is None else grad
     eps = label_smoothing
     counted = target != ignore_index
     safe_target = torch.where(counted, target, 0)
@@ -345,6 +353,12 @@ def _scale_gradient(grad: Tensor, grad_output: Tensor | None, reduction: str) ->
     backward pass needs no second (M, C) buffer."""
     if grad_output is None:
         return None
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "xentkit's fused cross-entropy kernel has no second derivative (the backward pass "
+            "only scales the gradient it stored); pass backend='reference' to "
+            "xentkit.cross_entropy to differentiate twice (create_graph=True)."
+        )
     if reduction == "none":
         grad_output = grad_output.unsqueeze(1)
     elif not torch.compiler.is_compiling() and bool(grad_output == 1):
@@ -451,9 +465,11 @@ def cross_entropy(
 
     Values and gradients are those of :func:`xentkit.reference.cross_entropy` (see
     :func:`loss_and_grad` for the per-row terms and their gradient); the backward pass only
-    multiplies the stored gradient by ``grad_output`` (row by row for ``reduction="none"``).
-    No gradient is computed when ``logits`` does not require one. It is a
-    ``torch.library`` custom op, so ``torch.compile`` of a caller traces through it.
+    multiplies the stored gradient by ``grad_output`` (row by row for ``reduction="none"``),
+    so it has no second derivative (differentiating twice raises). No gradient is computed when
+    ``logits`` does not require one; a ``weight`` that requires grad runs the reference maths,
+    the one path that differentiates with respect to it. It is a ``torch.library`` custom op,
+    so ``torch.compile`` of a caller traces through it.
 
     Args:
         logits: ``(M, C)`` rows of logits, any floating dtype (accumulated in float32,
@@ -477,6 +493,9 @@ def cross_entropy(
                 [ 0.0337, -0.0893,  0.0556]])
     """
     options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        # The fused gradient is with respect to the logits only.
+        return reference.cross_entropy(logits, target, *options)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     if inplace_backward and compute_grad:
         return _InplaceCrossEntropy.apply(logits, target, *options)
