@@ -8,6 +8,7 @@ same reference on a few fixed sets of options.
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -347,6 +348,18 @@ def test_weight_requiring_grad_runs_the_reference():
 
     with kernel_mode(False):
         assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_huge_page_gradient_buffer(monkeypatch):
+    """A large gradient buffer (here: any) is mapped memory that lives as long as the tensor."""
+    monkeypatch.setattr(chunked, "HUGE_PAGE_MIN_BYTES", 0)
+    logits, target, _ = make_case(torch.Generator().manual_seed(5), 6, 5, torch.float32)
+    target_of[0] = target
+    with kernel_mode(False):
+        ours = value_and_grad(kernel_ce(None, -100, "mean"), logits)
+    gc.collect()
+    theirs = value_and_grad(lambda x: F.cross_entropy(x, target), logits)
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_falls_back_to_eager_when_compiling_fails(monkeypatch):
