@@ -162,11 +162,15 @@ def test_loss_and_grad_matches_reference(o):
         assert torch.equal(given_logits, logits)  # the input is left alone
 
 
-def test_loss_and_grad_without_scale_computes_no_gradient():
+@pytest.mark.parametrize("out", ["none", "inplace"])
+def test_loss_and_grad_without_scale_computes_no_gradient(out):
     logits, target, _ = make_case(torch.Generator().manual_seed(0), 5, 7, torch.float32)
+    given = logits.clone()
     with kernel_mode(False):
-        ce, _, grad = chunked.loss_and_grad(logits, target, None, -100, 0.0, 0.0, None, None)
-    assert grad is None
+        ce, _, grad = chunked.loss_and_grad(
+            given, target, None, -100, 0.0, 0.0, None, None, out=given if out == "inplace" else None
+        )
+    assert grad is None and torch.equal(given, logits)
     close(ce, reference.cross_entropy_terms(logits.double(), target).ce, LOSS_TOL[torch.float32])
 
 

@@ -271,7 +271,8 @@ def loss_and_grad(
         ignore_index, label_smoothing, z_loss, softcap: as in :func:`xentkit.cross_entropy`.
         ce_scale: ``a``, a scalar or ``(m,)``; None computes no gradient.
         z_scale: ``b``, a scalar or ``(m,)``.
-        out: ``(m, V)`` buffer for the gradient (may be ``logits`` itself); allocated when None.
+        out: ``(m, V)`` buffer for the gradient (may be ``logits`` itself); allocated when None,
+            left alone when ``ce_scale`` is None.
     Returns:
         ``(ce, z, grad)``: ``ce`` and ``z`` ``(m,)`` in float32 (float64 for float64 logits);
         ``grad`` ``(m, V)`` in the logits' dtype, or None when ``ce_scale`` is None.
@@ -304,19 +305,18 @@ def loss_and_grad(
     x_t = reference.apply_softcap(
         logits.gather(1, safe_target.unsqueeze(1)).squeeze(1).to(acc), softcap
     )
-    coefs = (None,) * 4
+    coefs, dest = (None,) * 4, None
     if ce_scale is not None:
         coefs = _row_coefficients(
             counted, w_t, total_w, num_classes, eps, z_loss, ce_scale, z_scale
         )
-        if out is None:
-            out = _gradient_buffer(logits)
+        dest = _gradient_buffer(logits) if out is None else out
     source = logits.detach()
     if not source.is_contiguous():
         source = source.contiguous()
     with torch.no_grad():
         row_max, sum_exp, smooth_sum = _run_rows(
-            source, out, safe_target, w if eps else None, bool(eps), cap, *coefs
+            source, dest, safe_target, w if eps else None, bool(eps), cap, *coefs
         )
 
     shift = torch.where(torch.isinf(row_max), 0.0, row_max)
@@ -328,7 +328,7 @@ def loss_and_grad(
         ce = (1 - eps) * ce + eps * smooth
     lse = shift + log_sum
     z = torch.where(counted, z_loss * lse * lse, 0.0) if z_loss else torch.zeros_like(lse)
-    return ce, z, None if ce_scale is None else out
+    return ce, z, dest
 
 
 def _forward(
