@@ -128,12 +128,14 @@ def _fused_rows(
     row_max = capped().amax(-1, keepdim=True)
     # An all -inf row keeps a shift of 0 so that exp(-inf - shift) is 0, not NaN.
     shift = torch.where(torch.isinf(row_max), 0.0, row_max)
-    exps = torch.exp(capped() - shift)
-    sum_exp = exps.sum(-1, keepdim=True)
     smooth_sum = None
     if smooth:
         shifted = capped() - shift
         smooth_sum = (shifted if weight is None else shifted * weight).sum(-1)
+    # In-place updates of fresh temporaries keep the eager kernel to few (m, V) allocations
+    # (each a fresh mapping whose pages fault in); compiled, they are plain values.
+    exps = (capped() - shift).exp_()
+    sum_exp = exps.sum(-1, keepdim=True)
 
     if out is not None:
         coef = p_coef.unsqueeze(1)
@@ -142,15 +144,20 @@ def _fused_rows(
             # would store a per-row log as its own buffer and split the loop.
             lse = shift + torch.log(sum_exp.expand_as(exps))
             coef = coef + z_coef.unsqueeze(1) * lse
-        classes = torch.arange(x.shape[-1], device=x.device)
-        one_hot = torch.where(classes == target.unsqueeze(1), t_coef.unsqueeze(1), 0.0)
-        grad = exps * (coef / sum_exp) - one_hot
+        grad = exps.mul_(coef / sum_exp)
+        # The one-hot term: a compare inside the row loop when compiled, a scatter of one
+        # value per row eagerly (where it would cost two (m, V) temporaries).
+        if torch.compiler.is_compiling():
+            classes = torch.arange(x.shape[-1], device=x.device)
+            grad = grad - torch.where(classes == target.unsqueeze(1), t_coef.unsqueeze(1), 0.0)
+        else:
+            grad.scatter_add_(1, target.unsqueeze(1), -t_coef.unsqueeze(1))
         if s_coef is not None:
             s = s_coef.unsqueeze(1)
-            grad = grad - (s if weight is None else s * weight)
+            grad.sub_(s if weight is None else s * weight)
         if softcap is not None:
             tanh = torch.tanh(x / softcap)
-            grad = grad * (1 - tanh * tanh)  # d(c tanh(x / c)) / dx
+            grad.mul_(1 - tanh * tanh)  # d(c tanh(x / c)) / dx
         out.copy_(grad)
     return row_max.squeeze(1), sum_exp.squeeze(1), smooth_sum
 
