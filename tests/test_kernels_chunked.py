@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import xentkit
 from xentkit import reference
 from xentkit.kernels import chunked
 
@@ -348,7 +349,8 @@ def test_weight_requiring_grad_runs_the_reference():
     inputs = (logits.requires_grad_(), (weight + 0.1).requires_grad_())
 
     def fn(x, w):
-        return chunked.cross_entropy(x, target, w, -100, "mean", 0.1, 1e-2, 3.0)
+        options = dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, backend="chunked")
+        return xentkit.cross_entropy(x, target, w, **options)
 
     with kernel_mode(False):
         assert torch.autograd.gradcheck(fn, inputs)

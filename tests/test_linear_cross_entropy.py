@@ -303,3 +303,17 @@ def test_memory_does_not_grow_with_tokens():
     # The measurement sees the unfused logits; the fused step adds only O(M D) for grad_input.
     assert exact_growth > logits_growth_kib, peaks
     assert fused_growth < logits_growth_kib / 4, peaks
+
+
+def test_class_weight_requiring_grad_runs_the_reference():
+    """The fused kernels differentiate the logits only; a class weight that needs a gradient
+    gets the exact path, whatever the backend asked for."""
+    hidden = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    class_weight = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
+    target = torch.tensor([0, 6, -100, 3, 3])
+
+    def fn(h, w, cw):
+        return xentkit.linear_cross_entropy(h, w, target, class_weight=cw, backend="chunked")
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, class_weight))

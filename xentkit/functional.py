@@ -55,9 +55,15 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str | None, function: str, device: torch.device) -> str:
+def resolve_backend(
+    backend: str | None, function: str, device: torch.device, weight: Tensor | None = None
+) -> str:
     """The backend to run: ``backend`` when given, else the default for ``device`` (where
-    that is ``"triton"`` and Triton is not installed, ``"chunked"``)."""
+    that is ``"triton"`` and Triton is not installed, ``"chunked"``). A class ``weight`` that
+    needs a gradient always runs the reference: the fused kernels differentiate the logits only.
+    """
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return "reference"
     if backend is None:
         name = DEFAULT_BACKENDS.get((function, device.type), "reference")
         return "chunked" if name == "triton" and not _triton_installed() else name
@@ -241,7 +247,7 @@ def cross_entropy(
         target = target.long()
     rows = to_rows(input, target, cdim)
     options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    name = resolve_backend(backend, "cross_entropy", input.device)
+    name = resolve_backend(backend, "cross_entropy", input.device, weight)
     if name == "reference" or rows.target.is_floating_point():
         loss = reference.cross_entropy(rows.input, rows.target, *options)
     else:
@@ -373,7 +379,7 @@ def linear_cross_entropy(
     hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     _checks.check_class_weight(class_weight, weight.shape[0], input.dtype, "class_weight")
     _checks.check_target_range(labels, weight.shape[0], ignore_index)
-    name = resolve_backend(backend, "linear_cross_entropy", input.device)
+    name = resolve_backend(backend, "linear_cross_entropy", input.device, class_weight)
     if name == "reference":
         loss = reference.cross_entropy(F.linear(hidden, weight, bias), labels, *options)
     else:

@@ -530,9 +530,6 @@ def cross_entropy(
                 [ 0.0337, -0.0893,  0.0556]])
     """
     options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        # The fused gradient is with respect to the logits only.
-        return reference.cross_entropy(logits, target, *options)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     if inplace_backward and compute_grad:
         return _InplaceCrossEntropy.apply(logits, target, *options)
