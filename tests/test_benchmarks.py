@@ -134,10 +134,10 @@ def test_every_provider_computes_the_same_gradients(suite):
     shape = Shape(6, 4, 10)
     grads = {}
     for provider in suite.providers:
+        if provider in ("floor", "cce"):
+            continue
         torch.manual_seed(0)
-        bench = suite.build(provider, shape, torch.float32, "eager")
-        if provider not in ("floor", "cce"):
-            grads[provider] = bench.step()
+        grads[provider] = suite.build(provider, shape, torch.float32, "eager").step()
     for provider, value in grads.items():
         for got, expected in zip(value, grads["torch"], strict=True):
             torch.testing.assert_close(got, expected, msg=provider)
