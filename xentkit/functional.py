@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xentkit import _checks, reference
+from xentkit import _autocast, _checks, reference
 from xentkit._layout import to_rows
 
 BACKENDS = ("reference", "chunked", "triton")
@@ -93,6 +93,8 @@ def _softmax_dim(name: str, ndim: int) -> int:
 def _normalize(fn, input: Tensor, dim: int | None, dtype: torch.dtype | None, name: str) -> Tensor:
     if dtype is not None:
         input = input.to(dtype)
+    elif isinstance(input, Tensor):
+        (input,) = _autocast.float32(name, input)
     _checks.check_floating_input(input)
     if dim is None:
         dim = _softmax_dim(name, input.dim())
@@ -172,6 +174,7 @@ def nll_loss(
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     _checks.check_reduction(reduction)
     _checks.check_floating_input(input)
+    input, weight = _autocast.float32("nll_loss", input, weight)
     _checks.check_index_target(input, target, ignore_index)
     cdim = _checks.class_dim(input)
     _checks.check_class_weight(weight, input.shape[cdim], input.dtype)
@@ -232,6 +235,13 @@ def cross_entropy(
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     _checks.check_reduction(reduction)
     _checks.check_floating_input(input)
+    if _is_dtensor(input, target, weight):
+        from xentkit import distributed
+
+        return distributed.dtensor_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
+    input, target, weight = _autocast.float32("cross_entropy", input, target, weight)
     cdim = _checks.class_dim(input)
     _checks.check_options(label_smoothing, z_loss, softcap)
     out_dtype = input.dtype
@@ -279,6 +289,7 @@ def binary_cross_entropy(
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     _checks.check_reduction(reduction)
     _checks.check_floating_input(input)
+    input, target, weight = _autocast.float32("binary_cross_entropy", input, target, weight)
     _checks.check_same_shape(input, target, "binary_cross_entropy")
     _checks.check_target_dtype(input, target, "binary_cross_entropy", exact=True)
     _checks.check_broadcastable(weight, input, "weight")
@@ -315,6 +326,9 @@ def binary_cross_entropy_with_logits(
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     _checks.check_reduction(reduction)
     _checks.check_floating_input(input)
+    input, target, weight, pos_weight = _autocast.float32(
+        "binary_cross_entropy_with_logits", input, target, weight, pos_weight
+    )
     _checks.check_same_shape(input, target, "binary_cross_entropy_with_logits")
     _checks.check_target_dtype(input, target, "binary_cross_entropy_with_logits", exact=False)
     _checks.check_broadcastable(weight, input, "weight")
@@ -363,7 +377,37 @@ def linear_cross_entropy(
 
     See also :func:`cross_entropy`, :class:`xentkit.nn.LinearCrossEntropyLoss`.
     """
+    args = (input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing)
+    loss = _linear_cross_entropy(*args, z_loss, softcap, chunk_size, process_group, backend)
+    # Under autocast the head runs in the autocast dtype and the loss, like F.cross_entropy's,
+    # comes back in float32.
+    return loss.to(torch.float32 if _autocast.enabled(input.device.type) else input.dtype)
+
+
+def _linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    process_group,
+    backend: str | None,
+) -> Tensor:
+    """:func:`linear_cross_entropy` with the loss left in the accumulation dtype (float32,
+    float64 for float64 input), as ``transformers`` computes its loss from upcast logits."""
     options = (class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if _is_dtensor(input, weight, target, bias):
+        from xentkit import distributed
+
+        return distributed.dtensor_linear_cross_entropy(
+            input, weight, target, bias, *options, chunk_size
+        )
     if process_group is not None:
         from xentkit import distributed
 
@@ -375,9 +419,13 @@ def linear_cross_entropy(
     _checks.check_reduction(reduction)
     _checks.check_options(label_smoothing, z_loss, softcap)
     _checks.check_chunk_size(chunk_size)
+    _checks.check_floating_input(input)
+    input, weight, bias = _autocast.lower(input, weight, bias)
+    (class_weight,) = _autocast.float32("cross_entropy", class_weight)
     _checks.check_linear(input, weight, target, bias)
     hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
-    _checks.check_class_weight(class_weight, weight.shape[0], input.dtype, "class_weight")
+    logits_dtype = torch.float32 if _autocast.enabled(input.device.type) else input.dtype
+    _checks.check_class_weight(class_weight, weight.shape[0], logits_dtype, "class_weight")
     _checks.check_target_range(labels, weight.shape[0], ignore_index)
     name = resolve_backend(backend, "linear_cross_entropy", input.device, class_weight)
     if name == "reference":
@@ -385,4 +433,14 @@ def linear_cross_entropy(
     else:
         fused = kernel(name, "linear_cross_entropy")
         loss = fused(hidden, weight, labels, bias, *options, chunk_size)
-    return _finish(loss, reduction, tuple(target.shape), input.dtype)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _is_dtensor(*tensors: Tensor | None) -> bool:
+    """Whether any argument is a ``torch.distributed.tensor.DTensor``: those run vocab-parallel
+    over their device mesh (:mod:`xentkit.distributed`)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
