@@ -83,4 +83,3 @@ def lower(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if _eligible(t, device_type) else t for t in tensors)
-
