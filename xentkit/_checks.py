@@ -129,8 +129,23 @@ def check_index_target(input: Tensor, target: Tensor, ignore_index: int) -> None
     check_target_range(target, input.shape[cdim], ignore_index)
 
 
+def _on_device(t: Tensor) -> bool:
+    """Whether a data-dependent check must leave its verdict on the device: while compiling
+    (reading it would break the graph) and on accelerators (reading it would synchronise)."""
+    return torch.compiler.is_compiling() or t.device.type != "cpu"
+
+
 def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if _on_device(target):
+        # An asynchronous assert: RuntimeError with this message when the graph runs (on CUDA
+        # a device-side assert, as torch's own kernels raise for the same mistake).
+        torch._assert_async(
+            bad.logical_not().all(),
+            "Target is out of bounds: target values must lie in [0, C) (the number of classes) "
+            "or equal ignore_index; labels that start at 1 need target - 1.",
+        )
+        return
     if target.numel() and bool(bad.any()):
         value = int(target[bad].flatten()[0])
         raise IndexError(
@@ -200,6 +215,13 @@ def check_broadcastable(t: Tensor | None, input: Tensor, name: str) -> None:
 
 def check_unit_interval(t: Tensor, name: str) -> None:
     bad = (t < 0) | (t > 1) | torch.isnan(t)
+    if _on_device(t):
+        torch._assert_async(
+            bad.logical_not().all(),
+            f"all elements of {name} should be between 0 and 1: binary_cross_entropy takes "
+            "probabilities; for logits use binary_cross_entropy_with_logits.",
+        )
+        return
     if t.numel() and bool(bad.any()):
         value = float(t.detach()[bad].flatten()[0])
         raise RuntimeError(

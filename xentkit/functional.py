@@ -13,8 +13,6 @@ Keyword-only extensions, after PyTorch's arguments, whose defaults keep PyTorch'
 
 from __future__ import annotations
 
-import functools
-import importlib
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -37,22 +35,12 @@ DEFAULT_BACKENDS = {
     ("linear_cross_entropy", "cuda"): "triton",
 }
 
-# Where each fused backend lives; modules are imported on first use, so Triton never is on CPU.
-_KERNEL_MODULES = {
-    "chunked": {
-        "cross_entropy": "xentkit.kernels.chunked",
-        "linear_cross_entropy": "xentkit.kernels.linear_chunked",
-    },
-    "triton": {
-        "cross_entropy": "xentkit.kernels.triton",
-        "linear_cross_entropy": "xentkit.kernels.triton",
-    },
-}
+# Whether Triton can be imported, looked up once (a lookup is not traceable by torch.compile).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def resolve_backend(
@@ -75,8 +63,15 @@ def resolve_backend(
 
 
 def kernel(backend: str, function: str) -> Callable[..., Tensor]:
-    """The fused implementation of ``function`` in ``backend`` (not ``"reference"``)."""
-    module = importlib.import_module(_KERNEL_MODULES[backend][function])
+    """The fused implementation of ``function`` in ``backend`` (not ``"reference"``). Its module
+    is imported on first use, so Triton never is on CPU; an import statement (unlike
+    ``importlib``) is something ``torch.compile`` traces."""
+    if backend == "triton":
+        from xentkit.kernels import triton as module
+    elif function == "cross_entropy":
+        from xentkit.kernels import chunked as module
+    else:
+        from xentkit.kernels import linear_chunked as module
     return getattr(module, function)
 
 

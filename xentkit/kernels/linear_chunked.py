@@ -128,27 +128,38 @@ class _Problem:
         return self.class_weight.to(self.acc)[counted].sum(), count
 
 
+def _gradient_buffers(
+    hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool], zero_hidden: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The accumulators of the gradients asked for (``needs``: hidden, weight, bias): the hidden
+    states' in their dtype (zeroed when ``zero_hidden``: rows no chunk visits), the weight's and
+    the bias's in the accumulation dtype."""
+    acc = reference.accumulation_dtype(hidden.dtype)
+    gh = gw = gb = None
+    if needs[0]:
+        alloc = torch.zeros_like if zero_hidden else torch.empty_like
+        gh = alloc(hidden, memory_format=torch.contiguous_format)
+    if needs[1]:
+        gw = torch.zeros_like(weight, dtype=acc, memory_format=torch.contiguous_format)
+    if needs[2]:
+        gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+    return gh, gw, gb
+
+
 class _Gradients:
     """The gradients of the hidden states, weight and bias that were asked for, accumulated
     chunk by chunk (weight and bias in the accumulation dtype)."""
 
     def __init__(self, problem: _Problem, needs: tuple[bool, bool, bool]) -> None:
         self.problem = problem
-        hidden, weight, acc = problem.hidden, problem.weight, problem.acc
-        self.hidden = self.weight = self.bias = self._partial = None
-        if needs[0]:
-            # Ignored tokens are never visited, so their rows must start at zero.
-            self.hidden = (torch.empty_like if problem.index is None else torch.zeros_like)(
-                hidden, memory_format=torch.contiguous_format
-            )
-        if needs[1]:
-            self.weight = torch.zeros_like(weight, dtype=acc, memory_format=torch.contiguous_format)
-            # Half-precision products are rounded once per chunk here, then summed in float32.
-            self._partial = (
-                None if weight.dtype == acc else torch.empty_like(self.weight, dtype=weight.dtype)
-            )
-        if needs[2]:
-            self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+        # Ignored tokens are never visited, so their rows must start at zero.
+        zero_hidden = problem.index is not None
+        buffers = _gradient_buffers(problem.hidden, problem.weight, needs, zero_hidden)
+        self.hidden, self.weight, self.bias = buffers
+        # Half-precision products are rounded once per chunk here, then summed in float32.
+        self._partial = None
+        if self.weight is not None and problem.weight.dtype != problem.acc:
+            self._partial = torch.empty_like(self.weight, dtype=problem.weight.dtype)
 
     @property
     def any(self) -> bool:
@@ -169,22 +180,11 @@ class _Gradients:
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=self.problem.acc))
 
-    def scaled(self, scale: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """The gradients times ``scale`` (None: as they are), in the parameters' dtypes."""
-        self._partial = None
-        grads = []
-        for grad, like in zip(
-            (self.hidden, self.weight, self.bias),
-            (self.problem.hidden, self.problem.weight, self.problem.bias),
-            strict=True,
-        ):
-            if grad is not None:
-                if scale is not None:
-                    grad.mul_(scale)
-                grad = grad.to(like.dtype)
-            grads.append(grad)
-        self.hidden = self.weight = self.bias = None
-        return tuple(grads)
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The three accumulators, an empty tensor standing for each one not asked for (a
+        custom op returns tensors, not None)."""
+        grads = (self.hidden, self.weight, self.bias)
+        return tuple(self.problem.hidden.new_empty(0) if g is None else g for g in grads)
 
 
 def _forward(
@@ -225,7 +225,7 @@ def _forward(
 
 def _backward_per_token(
     problem: _Problem, grad_output: Tensor, needs: tuple[bool, bool, bool]
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_i grad_output_i * loss_i``: the chunks are walked again and each
     row's logits gradient is scaled by its ``grad_output``."""
     grads = _Gradients(problem, needs)
@@ -244,58 +244,133 @@ def _backward_per_token(
             out=logits,
         )
         grads.add(where, hidden, grad)
-    return grads.scaled(None)
+    params = (problem.hidden, problem.weight, problem.bias)
+    return tuple(
+        g.to(p.dtype) if need else g
+        for g, p, need in zip(grads.tensors(), params, needs, strict=True)
+    )
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd node of the fused head + loss: the gradients are computed in the forward (mean,
-    sum) or by walking the chunks again in the backward (none); see the module docstring."""
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``) or is being traced:
+    the saved gradients may be needed again and must not be scaled in place."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return torch.compiler.is_compiling() or keeps is None or keeps()
 
-    @staticmethod
-    def forward(
-        ctx,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        target: Tensor,
-        class_weight: Tensor | None,
-        reduction: str,
-        options: tuple[int, float, float, float | None],
-        chunk_size: int | None,
-    ) -> Tensor:
-        problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
-        needs = tuple(ctx.needs_input_grad[:3])
-        loss, grads = _forward(problem, reduction, needs)
-        ctx.problem, ctx.reduction = problem, reduction
-        ctx.grads = None if reduction == "none" else grads
+
+@torch.library.custom_op("xentkit::linear_cross_entropy", mutates_args=())
+def _linear_op(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, unit, grad_hidden, grad_weight, grad_bias)``: for the mean and the sum the
+    gradients asked for by ``needs`` of the unnormalised sum (see the module docstring), which
+    the backward multiplies by ``grad_output * unit``; empty tensors for the others. One opaque
+    op, so that a ``torch.compile`` of the caller neither unrolls nor re-traces the chunk loop
+    (its length depends on how many tokens count)."""
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
+    loss, grads = _forward(problem, reduction, tuple(needs))
+    denominator = problem.denominators(reduction)[0]
+    # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
+    unit = 1 / denominator if problem.count else torch.zeros_like(denominator)
+    return loss, unit, *grads.tensors()
+
+
+@_linear_op.register_fake
+def _(hidden, weight, target, bias, class_weight, ignore_index, reduction, *options):
+    needs = options[-1]
+    acc = reference.accumulation_dtype(hidden.dtype)
+    loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=acc)
+    early = needs if reduction != "none" else (False, False, False)
+    grads = _gradient_buffers(hidden, weight, early, zero_hidden=False)
+    grads = tuple(hidden.new_empty(0) if g is None else g for g in grads)
+    return loss, hidden.new_empty((), dtype=acc), *grads
+
+
+@torch.library.custom_op("xentkit::linear_cross_entropy_backward", mutates_args=())
+def _linear_backward_op(
+    grad_output: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``sum_i grad_output_i * loss_i`` (``reduction="none"``) in the
+    parameters' dtypes, an empty tensor for each one not asked for."""
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
+    return _backward_per_token(problem, grad_output, tuple(needs))
+
+
+@_linear_backward_op.register_fake
+def _(grad_output, hidden, weight, target, bias, *options):
+    needs = options[-1]
+    grads = _gradient_buffers(hidden, weight, tuple(needs), zero_hidden=False)
+    params = (hidden, weight, bias)
+    return tuple(
+        hidden.new_empty(0) if g is None else g.to(p.dtype)
+        for g, p in zip(grads, params, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, target, bias, class_weight, *options, needs = inputs
+    ctx.reduction, ctx.needs = options[1], needs
+    ctx.dtypes = tuple(None if p is None else p.dtype for p in (hidden, weight, bias))
+    if ctx.reduction == "none":
+        del options[1]
+        ctx.options = (*options, needs)
         # Saved through autograd so that a backward which reads the inputs again notices
         # in-place changes to them.
-        ctx.save_for_backward(hidden, weight, bias)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        needs = tuple(ctx.needs_input_grad[:3])
-        problem = ctx.problem
-        if ctx.reduction == "none":
-            ctx.saved_tensors  # noqa: B018 (raises if an input was modified in place)
-            grads = _backward_per_token(problem, grad_output, needs)
-            return (*grads, None, None, None, None, None)
-        # The first backward takes the forward's buffers (no copy: autograd can adopt them as
-        # .grad); another one through the same graph (retain_graph=True) computes them again,
-        # the same way, so every backward gives the same bits.
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            ctx.saved_tensors  # noqa: B018
-            grads = _forward(problem, ctx.reduction, needs)[1]
-        # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
-        scale = grad_output / problem.denominators(ctx.reduction)[0] if problem.count else None
-        return (*grads.scaled(scale), None, None, None, None, None)
+        ctx.save_for_backward(hidden, weight, target, bias, class_weight)
+    else:
+        ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
-# The chunk loop depends on how many tokens count; traced by torch.compile it would be unrolled
-# and recompiled for every new count. Compiled models call it eagerly: its work is in the GEMMs.
-@torch.compiler.disable
+def _backward(ctx, grad_loss: Tensor | None, *_unused):
+    none = (None,) * 8
+    if grad_loss is None:
+        return None, None, None, None, *none
+    if ctx.reduction == "none":
+        hidden, weight, target, bias, class_weight = ctx.saved_tensors
+        grads = _linear_backward_op(
+            grad_loss, hidden, weight, target, bias, class_weight, *ctx.options
+        )
+    else:
+        unit, *grads = ctx.saved_tensors
+        scale = grad_loss * unit
+        # In place where the graph is not kept: no second copy of the V x D weight gradient.
+        grads = [g * scale if _graph_is_kept() else g.mul_(scale) for g in grads]
+    gh, gw, gb = (
+        g.to(dtype) if need else None
+        for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs, strict=True)
+    )
+    return gh, gw, None, gb, *none
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -316,7 +391,9 @@ def linear_cross_entropy(
               + \zeta\,\mathrm{lse}(z_i)^2, \qquad z_i = W h_i + b
 
     (with :math:`z` soft-capped first when ``softcap`` is set); the terms are those of
-    :func:`xentkit.reference.cross_entropy_terms`, the reduction that of PyTorch.
+    :func:`xentkit.reference.cross_entropy_terms`, the reduction that of PyTorch. The chunk
+    loop is a ``torch.library`` custom op with a registered backward, so ``torch.compile`` of
+    a caller keeps it whole, with no graph break and no recompilation for a new batch size.
 
     Args:
         hidden: ``(M, D)`` hidden states.
@@ -336,11 +413,7 @@ def linear_cross_entropy(
         ...                      0.0, None, None)
         tensor([0.4644, 0.1967])
     """
-    options = (ignore_index, label_smoothing, z_loss, softcap)
-    params = (hidden, weight, bias)
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        return LinearCrossEntropyFunction.apply(
-            hidden, weight, bias, target, class_weight, reduction, options, chunk_size
-        )
-    problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
-    return _forward(problem, reduction, (False, False, False))[0]
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
+    options = (ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    return _linear_op(hidden, weight, target, bias, class_weight, *options, needs)[0]
