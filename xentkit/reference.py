@@ -49,7 +49,8 @@ def _row_max(x: Tensor, dim: int) -> Tensor:
         shape[dim] = 1
         return x.new_zeros(shape)
     m = x.amax(dim=dim, keepdim=True).detach()
-    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    # Only -inf: a +inf maximum must give inf - inf = NaN, as in PyTorch.
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
 def _shift(x: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:

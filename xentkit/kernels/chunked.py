@@ -126,8 +126,9 @@ def _fused_rows(
         return x if softcap is None else softcap * torch.tanh(x / softcap)
 
     row_max = capped().amax(-1, keepdim=True)
-    # An all -inf row keeps a shift of 0 so that exp(-inf - shift) is 0, not NaN.
-    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+    # An all -inf row keeps a shift of 0 so that exp(-inf - shift) is 0, not NaN; a +inf
+    # maximum stays, so that the row's loss is inf - inf = NaN, as in PyTorch.
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
     smooth_sum = None
     if smooth:
         shifted = capped() - shift
@@ -326,7 +327,7 @@ def loss_and_grad(
             source, dest, safe_target, w if eps else None, bool(eps), cap, *coefs
         )
 
-    shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
     log_sum = sum_exp.log()
     # lse - x'_t as log_sum - (x'_t - shift): the large common shift never enters a sum.
     ce = torch.where(counted, w_t * (log_sum - (x_t - shift)), 0.0)
