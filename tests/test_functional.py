@@ -200,9 +200,10 @@ def test_extreme_logits_match_torch(label_smoothing, reduction):
             [float("-inf"), float("-inf"), 5.0, float("-inf")],
             [float("-inf")] * 4,
             [float("-inf")] * 4,
+            [float("inf"), 2.0, 1.0, 0.0],  # +inf: inf - inf is NaN, as in torch
         ]
     )
-    t = torch.tensor([0, 3, 1, 2, 1, -100])
+    t = torch.tensor([0, 3, 1, 2, 1, -100, 1])
     kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
     for tt in (t, t.clone().fill_(2)):
         got, got_grad = value_and_grads(partial(xentkit.cross_entropy, target=tt, **kwargs), x)

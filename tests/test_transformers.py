@@ -2,13 +2,16 @@
 
 Tiny randomly initialised models built from configs (no downloads): Llama (untied head), Qwen2
 (tied), Gemma 2 (tied, final-logit soft-capping), GPT-2 (tied, Conv1D blocks, ``transformer``
-prefix) and Phi (a head with a bias). The unpatched model is the spec.
+prefix) and Phi (a head with a bias), alone or wrapped by PEFT with LoRA adapters. The unpatched
+model is the spec.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import os
 
 import pytest
 import torch
@@ -108,24 +111,34 @@ def _batch(batch: int = 3, length: int = 10, pads: tuple[int, ...] = (0, 4, 7), 
 
 
 def _loss_and_grads(model, **inputs):
+    """The loss and the gradient of every parameter that gets one (none when nothing trains)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # the same dropout masks in both runs
     loss = model(**inputs).loss
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
 
-def _assert_same_training(model, inputs, rtol=1e-4, atol=1e-6, check=True):
-    expected, expected_grads = _loss_and_grads(model, **inputs)
-    patch(model, check=check)
-    loss, grads = _loss_and_grads(model, **inputs)
-    torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol, equal_nan=True)
+def _assert_same(actual, expected, rtol=1e-4, atol=1e-6):
+    """Two ``(loss, grads)`` pairs of :func:`_loss_and_grads` agree: dtype, value, gradients."""
+    (loss, grads), (expected_loss, expected_grads) = actual, expected
+    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol, equal_nan=True)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(
             grad, expected_grads[name], rtol=rtol, atol=atol, equal_nan=True, msg=name
         )
+
+
+def _assert_same_training(model, inputs, rtol=1e-4, atol=1e-6, check=True):
+    """Patching ``model`` keeps its loss and gradients; returns the patched run's gradients."""
+    expected = _loss_and_grads(model, **inputs)
+    patch(model, check=check)
+    actual = _loss_and_grads(model, **inputs)
+    _assert_same(actual, expected, rtol, atol)
+    return actual[1]
 
 
 @pytest.mark.parametrize("num_items", [False, True])
@@ -293,26 +306,36 @@ def test_loss_options_reach_the_fused_loss(options):
     torch.testing.assert_close(patch(model, **options)(**inputs).loss, expected)
 
 
+# transformers rounds the bfloat16 logits before it upcasts them, xentkit accumulates them in
+# float32: the losses differ by at most a bfloat16 rounding (2**-8 relative), gradients by a few.
+BF16_LOSS = dict(rtol=2**-8, atol=0.0)
+BF16_GRAD = dict(rtol=2e-2, atol=2e-2)
+
+
+def _assert_half_precision_training(model, inputs, context=contextlib.nullcontext):
+    """A float32 loss, as transformers returns it, equal to the unpatched one in bfloat16."""
+    with context():
+        expected = _loss_and_grads(model, **inputs)
+    patch(model)
+    with context():
+        actual = _loss_and_grads(model, **inputs)
+    assert actual[0].dtype == expected[0].dtype == torch.float32
+    torch.testing.assert_close(actual[0], expected[0], **BF16_LOSS)
+    for name, grad in actual[1].items():
+        # Relative to the gradient's size: LoRA's A gets a small gradient from a zero-mean one.
+        scale = expected[1][name].abs().max()
+        torch.testing.assert_close(grad / scale, expected[1][name] / scale, **BF16_GRAD, msg=name)
+
+
 def test_mixed_precision_under_autocast():
     model = _model("llama")
-    inputs = _batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = model(**inputs).loss
-        loss = patch(model)(**inputs).loss
-    torch.testing.assert_close(loss.float(), expected.float(), rtol=2e-2, atol=2e-2)
-    loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    _assert_half_precision_training(
+        model, _batch(), functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    )
 
 
 def test_bfloat16_weights():
-    model = _model("gemma2", torch.bfloat16)
-    inputs = _batch()
-    expected = model(**inputs).loss
-    loss = patch(model)(**inputs).loss
-    # transformers upcasts the logits to float32; xentkit returns the loss in the weights' dtype.
-    torch.testing.assert_close(loss.float(), expected.float(), rtol=2e-2, atol=2e-2)
-    loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    _assert_half_precision_training(_model("gemma2", torch.bfloat16), _batch())
 
 
 def test_gradcheck_float64():
@@ -375,7 +398,7 @@ def test_trainer_with_gradient_accumulation(tmp_path):
 def test_a_head_that_is_not_linear_is_refused():
     model = _model("llama")
     model.lm_head = torch.nn.Sequential(model.lm_head)
-    with pytest.raises(TypeError, match=r"not an nn\.Linear"):
+    with pytest.raises(TypeError, match=r"Sequential, neither an nn\.Linear"):
         patch(model)
     assert not is_patched(model)
 
@@ -435,3 +458,169 @@ def test_bad_loss_options_are_refused_at_patch_time(options, error, match):
     with pytest.raises(error, match=match):
         patch(model, **options)
     assert model.__dict__["_xentkit_patch"].options == dict(z_loss=1e-3)  # the patch is kept
+
+
+# PEFT: LoRA adapters on the decoder and on the head. init_lora_weights=False starts B away from
+# zero, so the head's adapter changes the loss and A gets a gradient (PEFT's default B = 0 would
+# hide a wrong LoRA term).
+
+LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj", "lm_head"],
+    "qwen2": ["q_proj", "lm_head"],  # the head tied to the input embeddings
+    "gpt2": ["c_attn", "lm_head"],  # Conv1D blocks (fan_in_fan_out), a tied head
+    "phi": ["dense", "lm_head"],  # a head with a bias
+}
+
+
+def _lora_config(targets, **options):
+    peft = pytest.importorskip("peft")
+    options = dict(r=4, init_lora_weights=False, fan_in_fan_out="c_attn" in targets) | options
+    # task_type gives a PeftModelForCausalLM, whose forward passes its own arguments down.
+    return peft.LoraConfig(target_modules=targets, task_type="CAUSAL_LM", **options)
+
+
+def _peft_model(arch="llama", dtype=torch.float32, targets=None, **options):
+    peft = pytest.importorskip("peft")
+    config = _lora_config(targets or LORA_TARGETS[arch], **options)
+    return peft.get_peft_model(_model(arch, dtype), config).train()
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets", "dropout"),
+    [
+        ("llama", ["q_proj", "v_proj"], 0.0),  # the head untouched
+        ("llama", None, 0.0),
+        ("llama", None, 0.1),  # the head's LoRA dropout, with the same mask as PEFT's
+        ("qwen2", None, 0.0),
+        ("gpt2", None, 0.0),
+        ("phi", None, 0.0),
+    ],
+)
+def test_lora_loss_and_every_trainable_gradient_match_the_unpatched_model(arch, targets, dropout):
+    model = _peft_model(arch, targets=targets, lora_dropout=dropout)
+    grads = _assert_same_training(model, _batch())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == trainable  # the LoRA factors, and no frozen base weight
+    if targets is None:
+        assert any(".lm_head.lora_A." in name for name in grads)
+
+
+@pytest.mark.parametrize("which", ["PeftModel", "LoraModel", "transformers model", "unwrapped"])
+def test_patch_and_unpatch_through_any_layer_of_a_peft_model(which):
+    peft = pytest.importorskip("peft")
+    if which == "unwrapped":  # patched first, then wrapped: the head becomes LoRA later
+        target = patch(_model("llama"))
+        model = peft.get_peft_model(target, _lora_config(LORA_TARGETS["llama"])).train()
+    else:
+        model = _peft_model()
+        layers = dict(zip(["PeftModel", "LoraModel"], [model, model.base_model], strict=True))
+        target = layers.get(which, model.get_base_model())
+        assert patch(target) is target
+    layers = (model, model.base_model, model.get_base_model())
+    assert all(is_patched(layer) for layer in layers)
+    inputs = _batch()
+    out = model(**inputs)
+    assert out.logits is None and out.loss.dtype == torch.float32
+    patched = _loss_and_grads(model, **inputs)
+    assert unpatch(target) is target and not any(is_patched(layer) for layer in layers)
+    assert model(**inputs).logits is not None
+    _assert_same(patched, _loss_and_grads(model, **inputs))
+
+
+@pytest.mark.parametrize(
+    "state", ["two adapters", "lora_bias", "disabled", "merged", "merged and disabled"]
+)
+def test_every_state_of_a_lora_head(state):
+    model = _peft_model(lora_bias=state == "lora_bias")
+    if state == "two adapters":
+        model.add_adapter("second", _lora_config(["lm_head"], r=2))
+        model.base_model.set_adapter(["default", "second"])
+    if state.startswith("merged"):
+        model.merge_adapter()
+    # Disabled, a merged head is unmerged by its first forward: each model runs once.
+    patched = patch(copy.deepcopy(model))
+
+    def run(m):
+        with m.disable_adapter() if "disabled" in state else contextlib.nullcontext():
+            return _loss_and_grads(m, **_batch())
+
+    _assert_same(run(patched), run(model))
+
+
+def test_lora_with_gradient_checkpointing():
+    model = _peft_model()
+    model.gradient_checkpointing_enable()
+    layer = model.get_base_model().model.layers[0]
+    calls = []
+    layer.mlp.register_forward_hook(lambda *_: calls.append(1))
+    _assert_same_training(model, _batch())
+    assert len(calls) == 2 + 2 + 1  # each training run recomputes the layer; the check runs once
+
+
+@pytest.mark.parametrize("precision", ["bfloat16 weights", "autocast"])
+def test_lora_in_half_precision(precision):
+    if precision == "autocast":
+        context = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+        _assert_half_precision_training(_peft_model(), _batch(), context)
+    else:  # PEFT keeps the adapters in float32 around the bfloat16 model
+        model = _peft_model(dtype=torch.bfloat16)
+        assert model.base_model.model.lm_head.lora_A["default"].weight.dtype == torch.float32
+        _assert_half_precision_training(model, _batch())
+
+
+def test_a_compiled_peft_model_has_no_graph_break_in_xentkit():
+    model = patch(_peft_model(lora_dropout=0.0))
+    inputs = _batch()
+    torch._dynamo.reset()
+    # The transformers model may break its graph elsewhere; the loss must not.
+    explanation = torch._dynamo.explain(model)(**inputs)
+    package = os.path.dirname(xentkit.__file__)
+    breaks = [
+        b.reason
+        for b in explanation.break_reasons
+        if any(frame.filename.startswith(package) for frame in b.user_stack)
+    ]
+    assert not breaks
+    expected = _loss_and_grads(model, **inputs)
+    # Dynamo, not the backend, decides where graphs break; aot_eager also traces the op's fake
+    # and autograd implementations, without inductor's code generation (tested with the kernels).
+    compiled = torch.compile(model, backend="aot_eager")
+    model.zero_grad(set_to_none=True)
+    loss = compiled(**inputs).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    _assert_same((loss.detach(), grads), expected)
+    torch._dynamo.reset()
+
+
+def test_a_mixed_adapter_batch_runs_the_models_own_forward():
+    model = _peft_model()
+    model.add_adapter("second", _lora_config(LORA_TARGETS["llama"], r=2))
+    model.eval()
+    inputs = dict(_batch(), adapter_names=["default", "second", "__base__"])
+    expected = model(**inputs)
+    out = patch(model)(**inputs)
+    assert out.logits is not None  # PEFT's per-row adapters reach the head only through its hooks
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "error", "match"),
+    [
+        ("dora", NotImplementedError, "DoraLinearVariant"),
+        ("ia3", TypeError, r"ia3\.layer\.Linear, neither an nn\.Linear"),
+    ],
+)
+def test_an_adapter_on_the_head_that_is_not_plain_lora_is_refused(adapter, error, match):
+    peft = pytest.importorskip("peft")
+    if adapter == "dora":
+        config = _lora_config(LORA_TARGETS["llama"], use_dora=True)
+    else:
+        config = peft.IA3Config(target_modules=["v_proj", "lm_head"], feedforward_modules=[])
+    model = peft.get_peft_model(_model("llama"), config)
+    with pytest.raises(error, match=match):
+        patch(model)
+    assert not is_patched(model)
+    if adapter == "dora":  # per call as well, for an adapter set after patching
+        with pytest.raises(error, match=match):
+            patch(model, check=False)(**_batch())

@@ -63,6 +63,7 @@ Example (a one-process group; ``examples/vocab_parallel.py`` runs two):
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any, NamedTuple
 
@@ -71,10 +72,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from xentkit import _checks
+from xentkit import _autocast, _checks
 from xentkit.reference import REDUCTIONS, accumulation_dtype, logsumexp
 
-__all__ = ["linear_cross_entropy", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "dtensor_cross_entropy",
+    "dtensor_linear_cross_entropy",
+    "linear_cross_entropy",
+    "vocab_parallel_cross_entropy",
+]
 
 # Default rows per chunk of linear_cross_entropy: about this many logits (16 MiB in float32)
 # per chunk, computed from the largest slice so every rank runs the same number of collectives.
@@ -224,15 +230,18 @@ def _agree(check, report, group, rank: int, world_size: int, device) -> dict[str
     return reports
 
 
-def _plan(reports, rank: int, world_size: int, group, options, chunk_size: int | None) -> _Plan:
+def _plan(
+    reports, rank: int, world_size: int, group, options, chunk_size: int | None, hint: str = ""
+) -> _Plan:
     """Check, from the shared reports only (so every rank reaches the same verdict), that the
-    ranks agree and that their slices tile the vocabulary; then lay out this rank's slice."""
+    ranks agree and that their slices tile the vocabulary; then lay out this rank's slice.
+    ``hint`` ends the message of a disagreement (the caller knows where the group came from)."""
     for field, meaning in _SAME.items():
         values = reports[field]
         if len(set(values)) > 1:
             raise ValueError(
                 f"the ranks disagree on the {meaning}; per rank: {_shown(field, values)}. "
-                "Pass the same value on every rank of the group."
+                f"Pass the same value on every rank of the group.{hint}"
             )
     shards, starts = reports["shard"], reports["vocab_start"]
     num_classes = sum(shards)
@@ -300,11 +309,20 @@ def _check_target(target: Tensor, rows_shape: tuple[int, ...], name: str) -> Non
 
 
 def _check_weight(weight: Tensor | None, dtype: torch.dtype, name: str) -> None:
-    if weight is not None and (weight.dim() != 1 or weight.dtype != dtype):
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.dtype != dtype:
         raise RuntimeError(
             f"{name} must be a 1-D tensor of dtype {dtype} holding the weight of every class of "
             f"the global vocabulary (the same on every rank), got shape {tuple(weight.shape)} "
             f"and dtype {weight.dtype}."
+        )
+    if weight.requires_grad and torch.is_grad_enabled():
+        # The autograd functions below differentiate the logits (and the head) only: a class
+        # weight's gradient would silently be missing.
+        raise ValueError(
+            f"{name} requires grad, but vocab-parallel cross entropy does not differentiate the "
+            f"class weights: pass {name}.detach()."
         )
 
 
@@ -332,9 +350,11 @@ def _capped(logits: Tensor, softcap: float | None, dtype, owned: bool):
 
 
 def _exp_shifted(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Row maxima ``m`` (0 for an all ``-inf`` row, as reference.logsumexp) and
-    ``exp(x - m)`` written over ``x``."""
-    m = x.amax(dim=-1)
+    """Row maxima ``m`` (0 for an all ``-inf`` row, as reference.logsumexp, or for an empty
+    slice) and ``exp(x - m)`` written over ``x``."""
+    # A slice may hold no class (DTensor's uneven Shard leaves the last ranks short, even empty);
+    # its lse_r = log(0) = -inf then weighs nothing in the global log-sum-exp.
+    m = x.amax(dim=-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
     m = torch.where(torch.isinf(m), 0.0, m)
     return m, x.sub_(m.unsqueeze(-1)).exp_()
 
@@ -342,7 +362,10 @@ def _exp_shifted(x: Tensor) -> tuple[Tensor, Tensor]:
 def _slice_stats(x: Tensor, rows: _Targets, w_local: Tensor | None, plan: _Plan):
     """This slice's per-row ``(lse_r, target logit or 0, sum_c w_c x_c)``; overwrites ``x``
     with ``exp(x - m)`` and returns it with ``m`` for the gradient."""
-    picked = torch.where(rows.owned, x.gather(-1, rows.local.unsqueeze(-1)).squeeze(-1), 0.0)
+    if x.shape[-1]:
+        picked = torch.where(rows.owned, x.gather(-1, rows.local.unsqueeze(-1)).squeeze(-1), 0.0)
+    else:  # an empty slice owns no target (and gather has no column 0 to read)
+        picked = x.new_zeros(x.shape[:-1])
     columns = [picked]
     if plan.label_smoothing > 0:
         columns.append(x.sum(-1) if w_local is None else x @ w_local)
@@ -540,7 +563,8 @@ def vocab_parallel_cross_entropy(
     device = logits_shard.device if isinstance(logits_shard, Tensor) else "cpu"
     reports = _agree(check, report, group, rank, world_size, device)
     plan = _plan(reports, rank, world_size, group, options, None)
-    rows = logits_shard.reshape(-1, logits_shard.shape[-1])
+    # Rows counted from the shape: -1 is ambiguous for an empty slice (V_r = 0).
+    rows = logits_shard.reshape(math.prod(logits_shard.shape[:-1]), logits_shard.shape[-1])
     loss = _VocabParallelCrossEntropy.apply(rows, target.reshape(-1).long(), weight, plan)
     if reduction == "none":
         loss = loss.reshape(target.shape)
@@ -680,8 +704,8 @@ def linear_cross_entropy(
     ``chunk_size x V_r`` logits. :func:`xentkit.linear_cross_entropy` with
     ``process_group=group`` calls this.
 
-    .. math:: \ell_i = \mathrm{CE}ig([\,W_0 h_i + b_0;\ \dots;\ W_{R-1} h_i + b_{R-1}\,],
-              t_iig)
+    .. math:: \ell_i = \mathrm{CE}\big([\,W_0 h_i + b_0;\ \dots;\ W_{R-1} h_i + b_{R-1}\,],
+              t_i\big)
 
     Forward runs ``1 + ceil(M / chunk_size)`` collectives (a small check, then one
     ``all_gather`` of ``(chunk, 2 or 3)`` statistics per chunk); backward runs one
@@ -708,15 +732,37 @@ def linear_cross_entropy(
 
     See also :func:`vocab_parallel_cross_entropy` for logits that already exist.
     """
-    rank, world_size = _rank(process_group)
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss = _linear(input, weight, target, bias, class_weight, options, chunk_size, process_group)
+    return loss.to(input.dtype)
+
+
+def _linear(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    options: tuple[int, str, float, float, float | None],
+    chunk_size: int | None,
+    group,
+    vocab_start: int | None = None,
+    logits_dtype: torch.dtype | None = None,
+    hint: str = "",
+) -> Tensor:
+    """:func:`linear_cross_entropy` with the loss left in the accumulation dtype (float32,
+    float64 for float64 input), this rank's slice at ``vocab_start`` (in rank order when None),
+    class weights in ``logits_dtype`` (``input``'s dtype when None; float32 under autocast) and
+    ``hint`` at the end of any error about ranks that disagree."""
+    rank, world_size = _rank(group)
+    reduction, label_smoothing, z_loss, softcap = options[1:]
     grad_on = torch.is_grad_enabled()
 
     def check() -> None:
         _checks.check_linear(input, weight, target, bias)
         if input.dtype not in _DTYPES:
             raise ValueError(f"input must be float16/bfloat16/float32/float64, got {input.dtype}.")
-        _check_weight(class_weight, input.dtype, "class_weight")
+        _check_weight(class_weight, logits_dtype or input.dtype, "class_weight")
         _check_options(reduction, label_smoothing, z_loss, softcap)
         _checks.check_chunk_size(chunk_size)
 
@@ -724,17 +770,303 @@ def linear_cross_entropy(
         backward = int(grad_on and input.requires_grad)
         shard, dim = weight.shape[0], input.shape[-1]
         return _report(
-            target, shard, dim, input.dtype, None, class_weight, options, backward, chunk_size
-        )
+            target, shard, dim, input.dtype, vocab_start, class_weight, options, backward,
+            chunk_size,
+        )  # fmt: skip
 
     device = input.device if isinstance(input, Tensor) else "cpu"
-    reports = _agree(check, report, process_group, rank, world_size, device)
-    plan = _plan(reports, rank, world_size, process_group, options, chunk_size)
+    reports = _agree(check, report, group, rank, world_size, device)
+    plan = _plan(reports, rank, world_size, group, options, chunk_size, hint)
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (input, weight, bias))
     hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
     loss = _VocabParallelLinearCrossEntropy.apply(
         hidden, weight, bias, labels, class_weight, plan, needs
     )
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    return loss.to(input.dtype)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# ---------------------------------------------------------------- DTensor arguments
+
+# Ends an error about ranks that disagree when the group came from a DTensor weight: the usual
+# cause is a weight split by FSDP (over data-parallel ranks, each with its own batch).
+_ROWS_SPLIT_HINT = (
+    " weight is a DTensor split along its rows over mesh dim {mesh_dim}, which xentkit reads "
+    "as a vocabulary-parallel (tensor-parallel) LM head: every rank of that mesh dim must hold "
+    "the same input and target. A weight that FSDP's fully_shard split over data-parallel "
+    "ranks is not one: compute the loss while FSDP has gathered it (in the forward of a module "
+    "whose FSDP group owns the weight) or pass weight.full_tensor()."
+)
+
+
+def _mesh(**tensors: Tensor | None):
+    """The device mesh that the DTensor arguments share; a clear error when they differ."""
+    from torch.distributed.tensor import DTensor
+
+    named = [(name, t.device_mesh) for name, t in tensors.items() if isinstance(t, DTensor)]
+    first, mesh = named[0]
+    for name, other in named[1:]:
+        if other != mesh:
+            raise ValueError(
+                f"{first} and {name} are DTensors on different device meshes ({mesh} and "
+                f"{other}): build them on one mesh, or pass {name} as a plain tensor."
+            )
+    return mesh
+
+
+def _split_mesh_dim(name: str, tensor, dim: int, layout: str) -> int | None:
+    """The mesh dim over which the DTensor ``tensor`` is split along its dim ``dim`` (the
+    classes), None when it is replicated. Any other placement is an error ending in ``layout``
+    (what is supported and how to get there): a silently wrong loss is never an option."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(tensor.placements)
+    split = []
+    for mesh_dim, placement in enumerate(placements):
+        # `type(...) is Shard`: a _StridedShard (FSDP over TP) is a Shard whose slices interleave.
+        if type(placement) is Shard and placement.dim == dim:
+            split.append(mesh_dim)
+        elif not isinstance(placement, Replicate):
+            raise ValueError(
+                f"{name} has placement {placement!r} on mesh dim {mesh_dim} (placements "
+                f"{placements}): {layout}"
+            )
+    if len(split) > 1:
+        raise ValueError(
+            f"{name} is split along dim {dim} over mesh dims {split} (placements {placements}), "
+            f"so no one process group holds its classes: {layout}"
+        )
+    return split[0] if split else None
+
+
+def _whole(name: str, tensor: Tensor | None, fix: str) -> Tensor | None:
+    """This rank's tensor for an argument that every rank holds whole: a plain tensor as it is,
+    a DTensor replicated on every mesh dim as its local tensor (differentiably)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if not all(isinstance(p, Replicate) for p in tensor.placements):
+        raise ValueError(
+            f"{name} must be a plain tensor or a DTensor replicated on every mesh dim, got "
+            f"placements {tuple(tensor.placements)}: {fix}"
+        )
+    return tensor.to_local()
+
+
+def _slice_start(tensor, dim: int) -> int:
+    """The global index of this rank's first element along ``dim`` of the DTensor ``tensor``.
+
+    torch lays out an uneven ``Shard`` as ``torch.chunk`` does (``ceil(V / R)`` per rank, the
+    last ranks short or empty), which is not the even split a caller might assume; passing the
+    start explicitly also lets :func:`_plan` check that the slices tile the vocabulary."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = tensor.device_mesh, tensor.placements
+    return compute_local_shape_and_global_offset(tensor.shape, mesh, placements)[1][dim]
+
+
+def _replicated(loss: Tensor, mesh) -> Tensor:
+    """``loss``, equal on every rank, as a DTensor replicated on ``mesh`` (differentiably)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def dtensor_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> Tensor:
+    r"""Cross entropy of DTensor logits split along their classes (tensor-parallel logits).
+
+    What :func:`xentkit.cross_entropy` runs when an argument is a DTensor. ``input`` is
+    ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` as in torch, with its class dim (1; 0 for
+    ``(C)``) split over one mesh dim (``Shard(1)``, the layout
+    ``torch.distributed.tensor.parallel.loss_parallel`` expects) and replicated on the others.
+    Each rank moves its slice's classes last and runs :func:`vocab_parallel_cross_entropy` over
+    that mesh dim's process group, at the slice's offset in torch's (possibly uneven) layout:
+
+    .. math:: \ell_n = (1-\varepsilon)\big(-w_{t_n}(x_{n,t_n} - \mathrm{lse}_n)\big)
+              + \varepsilon\big(-\tfrac1C \textstyle\sum_c w_c (x_{n,c} - \mathrm{lse}_n)\big)
+              + z\,\mathrm{lse}_n^2
+
+    with the log-sum-exp over all ranks' classes (after the softcap). Value and gradient equal
+    ``F.cross_entropy`` under ``loss_parallel()`` (which has no label smoothing, z-loss or
+    softcap) and :func:`xentkit.cross_entropy` on ``input.full_tensor()``, without gathering the
+    logits: two collectives in forward, none in backward.
+
+    Args:
+        input: DTensor logits, split along their class dim on exactly one mesh dim.
+        target: class indices, ``input``'s shape without the class dim: a plain tensor (the
+            same on every rank) or a DTensor replicated on every mesh dim.
+        weight: optional ``(C,)`` class weights, plain or replicated; not differentiated.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`xentkit.cross_entropy` (``reduction`` already validated).
+    Returns:
+        a DTensor replicated on ``input``'s mesh, as ``loss_parallel`` returns: the target's
+        shape for ``reduction="none"``, else a scalar; in ``input``'s dtype (float32 under
+        autocast). The gradient of ``input`` is a DTensor with ``input``'s placements.
+
+    Raises:
+        TypeError when ``input`` is a plain tensor; ValueError, on every rank and before any
+        collective, for placements it does not support (logits split along the batch, or
+        not at all, or over several mesh dims; a split or partial target or weight; DTensors
+        on different meshes), naming the argument and the fix.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(input, DTensor):
+        raise TypeError(
+            "cross_entropy got a DTensor target or weight with plain logits: pass the logits as "
+            "a DTensor split along their classes (a ColwiseParallel head's output with "
+            "use_local_output=False), or plain tensors throughout (target.full_tensor())."
+        )
+    mesh = _mesh(input=input, target=target, weight=weight)
+    cdim = 0 if input.dim() == 1 else 1
+    layout = (
+        f"cross entropy of DTensor logits needs their class dim {cdim} split (Shard({cdim}), "
+        "as loss_parallel() expects) over exactly one mesh dim and Replicate() on the others. "
+        "(B, T, V) logits of a ColwiseParallel head are Shard(2): pass input.flatten(0, 1) and "
+        "target.flatten(0, 1). For logits split along the batch, compute each rank's loss "
+        "from input.to_local() and its own targets, or redistribute input first."
+    )
+    mesh_dim = _split_mesh_dim("input", input, cdim, layout)
+    if mesh_dim is None:
+        raise ValueError(
+            f"input is replicated (placements {tuple(input.placements)}), not split along its "
+            "classes: every rank holds all the logits, so pass input.to_local() to compute the "
+            f"same loss on every rank without a DTensor. Otherwise, {layout}"
+        )
+    target = _whole("target", target, "pass target.full_tensor() (every rank needs all targets).")
+    weight = _whole("weight", weight, "pass weight.full_tensor() (the weights of all classes).")
+    logits, weight = _autocast.float32("cross_entropy", input.to_local(), weight)
+    loss = vocab_parallel_cross_entropy(
+        logits.movedim(cdim, -1),
+        target,
+        group=mesh.get_group(mesh_dim),
+        vocab_start=_slice_start(input, cdim),
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    return _replicated(loss, mesh)
+
+
+def dtensor_linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> Tensor:
+    r"""The fused LM head and loss with a DTensor classifier split along the vocabulary.
+
+    What :func:`xentkit.linear_cross_entropy` runs when an argument is a DTensor: ``weight`` is
+    ``(V, D)`` split along its rows (``Shard(0)``, the layout of an LM head parallelised with
+    ``ColwiseParallel``) over one mesh dim and replicated on the others (on a ``(dp, tp)`` mesh:
+    ``(Replicate(), Shard(0))``); ``bias``, if any, is split the same way. Each rank runs
+    :func:`linear_cross_entropy` on its local rows over that mesh dim's process group, at their
+    offset in torch's (possibly uneven) layout:
+
+    .. math:: \ell_i = \mathrm{CE}\big([\,W_0 h_i + b_0;\ \dots;\ W_{R-1} h_i + b_{R-1}\,],
+              t_i\big)
+
+    Value and gradients equal :func:`xentkit.linear_cross_entropy` on the full weight; no rank
+    holds more than ``chunk_size x V_r`` logits. The gradient of ``weight`` (and ``bias``) is a
+    DTensor with its placements; that of ``input`` is all-reduced over the vocabulary's group
+    (plain for plain input, a replicated DTensor for a replicated one). On mesh dims other than
+    the vocabulary's, every rank computes the loss of its own ``input`` (e.g. its
+    data-parallel batch): averaging those gradients is the data-parallel wrapper's job.
+
+    Args:
+        input: ``(..., D)`` hidden states, the same on every rank of the vocabulary's mesh dim:
+            a plain tensor or a DTensor replicated on every mesh dim.
+        weight: ``(V, D)`` DTensor split along its rows on exactly one mesh dim.
+        target: ``(...)`` class indices, plain or replicated.
+        bias: optional ``(V,)`` DTensor with ``weight``'s placements.
+        class_weight: optional ``(V,)`` class weights, plain or replicated; not differentiated.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size: as in
+            :func:`xentkit.linear_cross_entropy` (``reduction`` already validated).
+    Returns:
+        the target's shape for ``reduction="none"``, else a scalar, in float32 (float64 for
+        float64 input) for the caller to cast; a DTensor replicated on the mesh when ``input``
+        is a DTensor, else a plain tensor. Under autocast the head runs in the autocast dtype.
+
+    Raises:
+        ValueError (TypeError for a plain weight), on every rank and before any collective,
+        for placements it does not support (a weight split along D, replicated or split over
+        several mesh dims; a bias split unlike the weight; split or partial hidden states or
+        targets; DTensors on different meshes), naming the argument and the fix.
+    """
+    from torch.distributed.tensor import DTensor
+
+    mesh = _mesh(input=input, weight=weight, target=target, bias=bias, class_weight=class_weight)
+    if not isinstance(weight, DTensor):
+        raise TypeError(
+            "linear_cross_entropy got a DTensor argument with a plain weight: pass the LM head's "
+            "weight as a DTensor split along its rows (parallelize_module(head, mesh, "
+            "ColwiseParallel())), or plain tensors throughout (input.full_tensor())."
+        )
+    layout = (
+        "the fused head needs weight (V, D) split along its rows, the vocabulary (Shard(0), the "
+        "layout ColwiseParallel gives an LM head), over exactly one mesh dim and Replicate() on "
+        "the others. A weight split along D (Shard(1), RowwiseParallel) is not supported: "
+        "parallelize the LM head with ColwiseParallel, or pass weight.full_tensor()."
+    )
+    mesh_dim = _split_mesh_dim("weight", weight, 0, layout)
+    if mesh_dim is None:
+        raise ValueError(
+            f"weight is replicated (placements {tuple(weight.placements)}), not split along "
+            "its rows: every rank holds all of it, so pass weight.to_local() (and plain "
+            f"input) for the single-process loss. Otherwise, {layout}"
+        )
+    if bias is not None and (not isinstance(bias, DTensor) or bias.placements != weight.placements):
+        got = tuple(bias.placements) if isinstance(bias, DTensor) else "a plain tensor"
+        raise ValueError(
+            f"bias must be a DTensor split like weight (placements {tuple(weight.placements)}, "
+            f"as ColwiseParallel splits both), got {got}."
+        )
+    hidden = _whole(
+        "input",
+        input,
+        "every rank of the vocabulary's mesh dim needs all the hidden states: pass "
+        "input.full_tensor() (e.g. after sequence parallelism) or plain hidden states.",
+    )
+    target = _whole("target", target, "pass target.full_tensor() (every rank needs all targets).")
+    class_weight = _whole("class_weight", class_weight, "pass class_weight.full_tensor().")
+    local_weight = weight.to_local()
+    local_bias = None if bias is None else bias.to_local()
+    logits_dtype = None
+    if _autocast.enabled(local_weight.device.type):
+        # As the single-process path: the head in the autocast dtype, class weights in float32.
+        hidden, local_weight, local_bias = _autocast.lower(hidden, local_weight, local_bias)
+        (class_weight,) = _autocast.float32("cross_entropy", class_weight)
+        logits_dtype = accumulation_dtype(hidden.dtype)
+    loss = _linear(
+        hidden,
+        local_weight,
+        target,
+        local_bias,
+        class_weight,
+        (ignore_index, reduction, label_smoothing, z_loss, softcap),
+        chunk_size,
+        weight.device_mesh.get_group(mesh_dim),
+        vocab_start=_slice_start(weight, 0),
+        logits_dtype=logits_dtype,
+        hint=_ROWS_SPLIT_HINT.format(mesh_dim=mesh_dim),
+    )
+    return _replicated(loss, mesh) if isinstance(input, DTensor) else loss

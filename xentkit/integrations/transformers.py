@@ -3,7 +3,7 @@
 :func:`patch` replaces the ``forward`` of one ``*ForCausalLM`` instance, whatever its
 architecture. Called with ``labels``, the patched forward runs the model's decoder
 (``model.base_model``), takes its last hidden states and sends them, with the weight and bias of
-the output embedding (``model.get_output_embeddings()``), straight into
+the output embedding (``model.get_output_embeddings()``), straight into the fused op of
 :func:`xentkit.linear_cross_entropy`. The ``(batch, sequence, vocabulary)`` logits are never
 built, so the output's ``logits`` is None. The loss is the one ``transformers`` computes
 (``ForCausalLMLoss``):
@@ -18,9 +18,22 @@ built, so the output's ``logits`` is None. The loss is the one ``transformers`` 
 - :math:`c` is the config's ``final_logit_softcapping`` (Gemma 2), no capping when it has none;
 - ``logits_to_keep`` selects hidden states as it would select logits.
 
-The loss comes back in the hidden states' dtype, as :func:`xentkit.linear_cross_entropy` returns
-it (accumulated in float32 inside); ``transformers`` upcasts its logits to float32 first, so a
-bfloat16 model's loss value differs from the unpatched one by bfloat16 rounding.
+The loss is float32, as ``transformers`` computes it from logits upcast to float32 (float64 for a
+float64 model, where ``transformers`` would round it to float32). Under ``torch.autocast``, or
+with bfloat16 weights, the head runs in that half dtype, as ``lm_head`` would, so the loss equals
+the unpatched one within the half dtype's matmul rounding.
+
+PEFT (0.18 or later): given a ``PeftModel`` or its ``LoraModel``, :func:`patch` patches the
+``transformers`` model inside them, so PEFT's own forward still runs around the patched one
+(:func:`unpatch` and :func:`is_patched` take any of the three). LoRA on the decoder's layers needs
+nothing more. LoRA on the head (``target_modules=[..., "lm_head"]``) makes it
+``W h + b + s B A dropout(h)`` per active adapter; the fused op computes that as one linear map
+of the hidden states side by side with ``s A dropout(h)``, through ``W`` side by side with ``B``:
+exact, dropout included, and the gradients reach ``A`` and ``B`` (``W`` only if it is
+trainable). The price is a concatenated copy of the head's weight per call, and its whole weight
+gradient. Other adapters on the head (DoRA and the other LoRA variants, IA3, LoHa, ...) are
+refused. A call that passes PEFT's per-call arguments to the LoRA head (``adapter_names`` for a
+batch of mixed adapters) runs the model's own forward, logits and all.
 
 Without ``labels`` the model runs its own ``forward``, unchanged (generation, logits for
 evaluation). :func:`unpatch` restores the model.
@@ -43,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -64,16 +78,26 @@ LOSS_OPTIONS = (
     "chunk_size",
     "backend",
 )
+# Their defaults, read from the public function: the private one that leaves the loss in float32
+# takes every argument explicitly.
+_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(xentkit.linear_cross_entropy).parameters.items()
+    if name in LOSS_OPTIONS
+}
 
 _STATE = "_xentkit_patch"
 
 
 @dataclass(frozen=True)
 class _Patch:
-    """What :func:`patch` stores on the model: the loss options, and the instance-level
-    ``forward`` it replaced (set by e.g. accelerate's hooks), restored by :func:`unpatch`."""
+    """What :func:`patch` stores on the model: the loss options, the signature of the class's
+    ``forward`` (read once: a cache around ``inspect.signature`` would be traced through by
+    ``torch.compile`` on every call), and the instance-level ``forward`` it replaced (set by e.g.
+    accelerate's hooks), restored by :func:`unpatch`."""
 
     options: dict[str, Any]
+    signature: inspect.Signature
     replaced: Any = None
 
 
@@ -81,15 +105,16 @@ def patch(model: nn.Module, *, check: bool = True, **loss_options: Any) -> nn.Mo
     """Make ``model`` compute its loss with :func:`xentkit.linear_cross_entropy` when given labels.
 
     Works on any ``transformers`` causal language model built as a decoder (``base_model``)
-    plus an ``nn.Linear`` output embedding, tied to the input embeddings or not, with or without
-    a bias: one wrapper, no copy of any architecture's ``forward``. With ``labels`` the patched
-    forward returns a ``CausalLMOutputWithPast`` whose ``loss`` is the model's loss (see the
-    module docstring) and whose ``logits`` is None; without labels it is the model's own
-    ``forward``. Under ``torch.autocast`` the head runs in the autocast dtype, as ``lm_head``
-    would.
+    plus an ``nn.Linear`` output embedding (or PEFT's LoRA ``Linear`` around one), tied to the
+    input embeddings or not, with or without a bias: one wrapper, no copy of any architecture's
+    ``forward``. With ``labels`` the patched forward returns a ``CausalLMOutputWithPast`` whose
+    ``loss`` is the model's loss, in float32 (see the module docstring), and whose ``logits`` is
+    None; without labels it is the model's own ``forward``. Under ``torch.autocast`` the head
+    runs in the autocast dtype, as ``lm_head`` would.
 
     Args:
-        model: a ``*ForCausalLM`` (or ``*LMHeadModel``) instance; only this instance changes.
+        model: a ``*ForCausalLM`` (or ``*LMHeadModel``) instance, or a PEFT ``PeftModel`` or
+            ``LoraModel`` around one; only the ``transformers`` model instance changes.
         check: before patching, run one small batch (2 x 8 random tokens, eval mode, no
             gradients) through the model and refuse it if its logits are not ``lm_head`` of the
             decoder's last hidden states (soft-capped by ``config.final_logit_softcapping``) or its
@@ -102,12 +127,13 @@ def patch(model: nn.Module, *, check: bool = True, **loss_options: Any) -> nn.Mo
     Returns:
         ``model`` itself, patched; patching a patched model replaces its options.
     Raises:
-        TypeError: an unknown loss option, an output embedding that is not an ``nn.Linear``,
-            or a model with no decoder apart from its head.
+        TypeError: an unknown loss option, an output embedding that is neither an ``nn.Linear``
+            nor PEFT's LoRA ``Linear`` around one, or a model with no decoder apart from its head.
         ValueError: the check found different logits or a different loss (or a loss option
             value that :func:`xentkit.linear_cross_entropy` refuses, with its error type).
         NotImplementedError: the config asks for a mixture-of-experts router loss
-            (``output_router_logits``), which the patched forward also refuses per call.
+            (``output_router_logits``), or (found by the check) the head's active LoRA adapter
+            is a variant such as DoRA; the patched forward also refuses both per call.
 
     Example:
         >>> import torch, transformers
@@ -120,12 +146,13 @@ def patch(model: nn.Module, *, check: bool = True, **loss_options: Any) -> nn.Mo
     See also :func:`unpatch`, :func:`is_patched`.
     """
     _check_options(loss_options)
-    _head(model)
-    _decoder(model)
-    unpatch(model)  # a refused model is left unpatched
+    inner = _unwrap(model)
+    _head(inner)
+    _decoder(inner)
+    unpatch(inner)  # a refused model is left unpatched
     if check:
-        _check_equivalence(model)
-    _install(model, loss_options)
+        _check_equivalence(inner)
+    _install(inner, loss_options)
     return model
 
 
@@ -134,23 +161,43 @@ def unpatch(model: nn.Module) -> nn.Module:
     returned as it is.
 
     Args:
-        model: a model given to :func:`patch`, or any ``nn.Module``.
+        model: a model given to :func:`patch` (or the PEFT wrappers around it, or the model
+            inside them), or any ``nn.Module``.
     Returns:
         ``model`` itself.
     """
-    state = model.__dict__.pop(_STATE, None)
+    inner = _unwrap(model)
+    state = inner.__dict__.pop(_STATE, None)
     if state is None:
         return model
     if state.replaced is None:
-        del model.__dict__["forward"]
+        del inner.__dict__["forward"]
     else:
-        model.forward = state.replaced
+        inner.forward = state.replaced
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` has patched ``model`` (and :func:`unpatch` has not restored it)."""
-    return _STATE in model.__dict__
+    """Whether :func:`patch` has patched ``model`` (and :func:`unpatch` has not restored it);
+    for a PEFT model, whether the ``transformers`` model inside it is patched."""
+    return _STATE in _unwrap(model).__dict__
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside PEFT's wrappers (``PeftModel`` holds a ``LoraModel``,
+    which holds it; a prompt-learning ``PeftModel`` holds it directly), or ``model`` itself."""
+    if "peft" not in sys.modules:  # nothing is wrapped by a library that was never imported
+        return model
+    from peft import PeftMixedModel, PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    while True:
+        if isinstance(model, (PeftModel, PeftMixedModel)):
+            model = model.base_model
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            return model
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -165,17 +212,99 @@ def _check_options(options: dict[str, Any]) -> None:
     functional.resolve_backend(options.get("backend"), "linear_cross_entropy", torch.device("cpu"))
 
 
-def _head(model: nn.Module) -> nn.Linear:
+def _head(model: nn.Module) -> nn.Module:
+    """The output embedding: an ``nn.Linear``, or PEFT's LoRA ``Linear`` around one."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if not isinstance(head, nn.Linear):
-        raise TypeError(
-            f"{type(model).__name__}'s output embedding (model.get_output_embeddings()) is "
-            f"{type(head).__name__}, not an nn.Linear: xentkit.linear_cross_entropy needs the "
-            "head's (vocabulary, hidden) weight. Patch a causal LM whose head is an nn.Linear, or "
-            "call xentkit.linear_cross_entropy on your own head's hidden states and weight."
+    if isinstance(head, nn.Linear) or (
+        _is_lora_linear(head) and isinstance(head.base_layer, nn.Linear)
+    ):
+        return head
+    raise TypeError(
+        f"{type(model).__name__}'s output embedding (model.get_output_embeddings()) is "
+        f"{type(head).__module__}.{type(head).__qualname__}, neither an nn.Linear nor PEFT's LoRA "
+        "Linear around one: xentkit.linear_cross_entropy needs the head's (vocabulary, hidden) "
+        "weight. Patch a causal LM whose head is an nn.Linear (with PEFT, leave the head out of "
+        "target_modules or adapt it with plain LoRA), or call xentkit.linear_cross_entropy on "
+        "your own head's hidden states and weight."
+    )
+
+
+def _is_lora_linear(module: nn.Module | None) -> bool:
+    if "peft" not in sys.modules:
+        return False
+    from peft.tuners.lora import Linear
+
+    # Only the forward of LoRA's own Linear is reproduced (_operands); subclasses (a quantised
+    # base layer) compute theirs differently.
+    return isinstance(module, Linear) and type(module).forward is Linear.forward
+
+
+def _linear(head: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` of a head checked by :func:`_head`: itself, or LoRA's base layer."""
+    return head if isinstance(head, nn.Linear) else head.base_layer
+
+
+def _operands(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(input, weight, bias)`` with ``F.linear(input, weight, bias) == head(hidden)``.
+
+    A LoRA head adds ``s B A dropout(h)`` per active adapter to ``W h + b``: that is the linear
+    map through ``W`` and each ``B`` side by side of ``h`` and each ``s A dropout(h)`` (rank r)
+    stacked, so one fused op computes it exactly, dropout included, and sends the gradients to
+    ``A`` through the input and to ``B`` through the weight.
+    """
+    base = _linear(head)
+    weight, bias = base.weight, base.bias
+    if base is head:
+        return hidden, weight, bias
+    inputs, weights = [hidden], [weight]
+    for lora_a, lora_b, dropout, scaling in _lora_adapters(head):
+        # Each term as PEFT's forward computes it (the input in the adapter's dtype, which PEFT
+        # keeps in float32 for a half-precision model), then in the base layer's dtype: the fused
+        # op takes one dtype, as the sum of the terms does in PEFT.
+        low_rank = lora_a(dropout(head._cast_input_dtype(hidden, lora_a.weight.dtype))) * scaling
+        inputs.append(low_rank.to(hidden.dtype))
+        weights.append(lora_b.weight.to(weight.dtype))
+        if lora_b.bias is not None:  # lora_bias=True: B's bias, scaled like its product
+            term = (lora_b.bias * scaling).to(weight.dtype)
+            bias = term if bias is None else bias + term
+    if len(inputs) == 1:
+        return hidden, weight, bias
+    return torch.cat(inputs, dim=-1), torch.cat(weights, dim=-1), bias
+
+
+def _lora_adapters(head: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module, float]]:
+    """``(lora_A, lora_B, dropout, scaling)`` of each adapter that PEFT's forward of the LoRA
+    ``head`` adds to its base layer now (none when disabled or merged into the base weight)."""
+    if head.disable_adapters:
+        if head.merged:
+            head.unmerge()  # as PEFT's forward does: a disabled adapter leaves the base weight
+        return []
+    if head.merged:
+        return []
+    adapters = []
+    for name in head.active_adapters:
+        if name not in head.lora_A:  # an adapter that does not touch the head
+            continue
+        if name in head.lora_variant:
+            raise NotImplementedError(
+                f"The head's LoRA adapter {name!r} is a "
+                f"{type(head.lora_variant[name]).__name__}: its output is not W h + s B A h, "
+                "which the fused loss reproduces. Leave lm_head out of target_modules (or train "
+                "it with plain LoRA), or unpatch(model)."
+            )
+        adapters.append(
+            (head.lora_A[name], head.lora_B[name], head.lora_dropout[name], head.scaling[name])
         )
-    return head
+    return adapters
+
+
+def _hooked_lora_head(model: nn.Module) -> bool:
+    """Whether the head is a LoRA layer with forward pre-hooks: PEFT passes per-call arguments to
+    its layers that way (``adapter_names`` for a batch of mixed adapters, aLoRA's offsets), which
+    the fused op, never calling the head, could not honour."""
+    head = _head(model)
+    return not isinstance(head, nn.Linear) and bool(head._forward_pre_hooks)
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -195,7 +324,8 @@ def _softcap(model: nn.Module) -> float | None:
 
 
 def _install(model: nn.Module, options: dict[str, Any]) -> None:
-    model.__dict__[_STATE] = _Patch(dict(options), model.__dict__.get("forward"))
+    signature = inspect.signature(type(model).forward)
+    model.__dict__[_STATE] = _Patch(dict(options), signature, model.__dict__.get("forward"))
     # A fresh function per patch that holds no reference to the model (bound with MethodType), so
     # a deep copy of a patched model calls its own decoder; `wraps` keeps the class forward's
     # signature, which generate() and Trainer inspect (logits_to_keep, **kwargs).
@@ -212,8 +342,9 @@ def _forward_like(template: Any) -> Any:
 
 def _check_equivalence(model: nn.Module) -> None:
     head = _head(model)
+    linear = _linear(head)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(head.weight.shape[0], (2, 8), generator=generator)
+    ids = torch.randint(linear.out_features, (2, 8), generator=generator)
     ids = ids.to(model.get_input_embeddings().weight.device)
     labels = ids.clone()
     labels[0, :3] = -100  # a left-padded row
@@ -224,11 +355,11 @@ def _check_equivalence(model: nn.Module) -> None:
         with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
             expected = model(input_ids=ids, labels=labels, return_dict=True)
             hidden = _decoder(model)(input_ids=ids)[0]
-            if hidden.shape[-1] != head.in_features:
+            if hidden.shape[-1] != linear.in_features:
                 raise ValueError(
                     f"{type(model).__name__}'s decoder gives hidden states of size "
-                    f"{hidden.shape[-1]} but its head takes {head.in_features} features: a layer "
-                    "between them (a prediction-head transform) would be skipped. Leave it "
+                    f"{hidden.shape[-1]} but its head takes {linear.in_features} features: a "
+                    "layer between them (a prediction-head transform) would be skipped. Leave it "
                     "unpatched."
                 )
             logits = reference.apply_softcap(head(hidden).float(), _softcap(model))
@@ -242,7 +373,7 @@ def _check_equivalence(model: nn.Module) -> None:
             module.training = mode
     theirs = expected.logits.float()
     # float32 matmuls in a different order differ by ~1e-6; half precision by its rounding.
-    tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
+    tol = 1e-4 if linear.weight.dtype in (torch.float32, torch.float64) else 2e-2
     name = type(model).__name__
     if logits.shape != theirs.shape or not torch.allclose(
         logits, theirs, rtol=tol, atol=tol * theirs.abs().max().item()
@@ -263,16 +394,11 @@ def _check_equivalence(model: nn.Module) -> None:
         )
 
 
-@functools.cache
-def _signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
-
-
 def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _Patch = self.__dict__[_STATE]
     original = state.replaced or functools.partial(type(self).forward, self)
     try:
-        bound = _signature(type(self)).bind(self, *args, **kwargs)
+        bound = state.signature.bind(self, *args, **kwargs)
     except TypeError:
         return original(*args, **kwargs)  # the model's own error for a call it does not accept
     arguments = dict(bound.arguments)
@@ -281,7 +407,7 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(name, {}))
     labels = arguments.pop("labels", None)
-    if labels is None:
+    if labels is None or _hooked_lora_head(self):
         return original(*args, **kwargs)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -337,9 +463,10 @@ def _causal_lm_loss(
     num_items_in_batch: Tensor | int | None,
     options: dict[str, Any],
 ) -> Tensor:
+    options = {**_DEFAULTS, **options}
     if shift_labels is None:
         # Position t predicts token t + 1; the last position has nothing left to predict.
-        shift_labels = F.pad(labels, (0, 1), value=options.get("ignore_index", -100))[..., 1:]
+        shift_labels = F.pad(labels, (0, 1), value=options["ignore_index"])[..., 1:]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = shift_labels.reshape(-1).to(hidden.device)
     if target.numel() != hidden.shape[0]:
@@ -348,19 +475,20 @@ def _causal_lm_loss(
             "positions: with logits_to_keep, pass shift_labels holding one target per kept "
             "position, or leave logits_to_keep at 0 when training."
         )
-    head = _head(model)
-    weight, bias = head.weight, head.bias
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        # lm_head would run in the autocast dtype; the fused op gets explicit, matching dtypes.
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    features, weight, bias = _operands(_head(model), hidden)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    with torch.autocast(device, enabled=False):
-        loss = xentkit.linear_cross_entropy(
-            hidden, weight, target, bias, reduction=reduction, softcap=_softcap(model), **options
-        )
+    # The private op leaves the loss in float32, as transformers computes it from upcast logits;
+    # under autocast it runs the head in the autocast dtype, as lm_head would.
+    loss = functional._linear_cross_entropy(
+        features,
+        weight,
+        target,
+        bias,
+        reduction=reduction,
+        softcap=_softcap(model),
+        process_group=None,
+        **options,
+    )
     if num_items_in_batch is None:
         return loss
     if torch.is_tensor(num_items_in_batch):
