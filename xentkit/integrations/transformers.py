@@ -248,10 +248,11 @@ def _linear(head: nn.Module) -> nn.Linear:
 def _operands(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(input, weight, bias)`` with ``F.linear(input, weight, bias) == head(hidden)``.
 
-    A LoRA head adds ``s B A dropout(h)`` per active adapter to ``W h + b``: that is the linear
-    map through ``W`` and each ``B`` side by side of ``h`` and each ``s A dropout(h)`` (rank r)
-    stacked, so one fused op computes it exactly, dropout included, and sends the gradients to
-    ``A`` through the input and to ``B`` through the weight.
+    A LoRA head adds ``s_k B_k A_k dropout_k(h)`` per active adapter k to ``W h + b``: one linear
+    map, the weight ``[W, B_1, B_2, ...]`` (side by side, ``V x (D + r_1 + r_2 + ...)``) applied to
+    the features ``[h, s_1 A_1 dropout_1(h), ...]``. So one fused op computes it exactly, dropout
+    included, and its gradients reach each ``A_k`` through the features and each ``B_k`` through
+    the weight.
     """
     base = _linear(head)
     weight, bias = base.weight, base.bias
@@ -260,8 +261,8 @@ def _operands(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor |
     inputs, weights = [hidden], [weight]
     for lora_a, lora_b, dropout, scaling in _lora_adapters(head):
         # Each term as PEFT's forward computes it (the input in the adapter's dtype, which PEFT
-        # keeps in float32 for a half-precision model), then in the base layer's dtype: the fused
-        # op takes one dtype, as the sum of the terms does in PEFT.
+        # keeps in float32 for a half-precision model), then in the base layer's dtype, to which
+        # PEFT rounds the sum and in which the fused op takes all its operands.
         low_rank = lora_a(dropout(head._cast_input_dtype(hidden, lora_a.weight.dtype))) * scaling
         inputs.append(low_rank.to(hidden.dtype))
         weights.append(lora_b.weight.to(weight.dtype))
@@ -299,11 +300,10 @@ def _lora_adapters(head: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Modul
     return adapters
 
 
-def _hooked_lora_head(model: nn.Module) -> bool:
-    """Whether the head is a LoRA layer with forward pre-hooks: PEFT passes per-call arguments to
+def _hooked_lora(head: nn.Module) -> bool:
+    """Whether ``head`` is a LoRA layer with forward pre-hooks: PEFT passes per-call arguments to
     its layers that way (``adapter_names`` for a batch of mixed adapters, aLoRA's offsets), which
     the fused op, never calling the head, could not honour."""
-    head = _head(model)
     return not isinstance(head, nn.Linear) and bool(head._forward_pre_hooks)
 
 
@@ -407,7 +407,10 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(name, {}))
     labels = arguments.pop("labels", None)
-    if labels is None or _hooked_lora_head(self):
+    if labels is None:
+        return original(*args, **kwargs)
+    head = _head(self)
+    if _hooked_lora(head):
         return original(*args, **kwargs)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -419,7 +422,9 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     _refuse_router_loss(self, arguments)
     outputs = _decoder(self)(**arguments)
     hidden = _keep(outputs[0], logits_to_keep)
-    loss = _causal_lm_loss(self, hidden, labels, shift_labels, num_items_in_batch, state.options)
+    loss = _causal_lm_loss(
+        self, head, hidden, labels, shift_labels, num_items_in_batch, state.options
+    )
     output = CausalLMOutputWithPast(
         loss=loss,
         logits=None,
@@ -457,6 +462,7 @@ def _keep(hidden: Tensor, logits_to_keep: int | Tensor) -> Tensor:
 
 def _causal_lm_loss(
     model: nn.Module,
+    head: nn.Module,
     hidden: Tensor,
     labels: Tensor,
     shift_labels: Tensor | None,
@@ -475,7 +481,7 @@ def _causal_lm_loss(
             "positions: with logits_to_keep, pass shift_labels holding one target per kept "
             "position, or leave logits_to_keep at 0 when training."
         )
-    features, weight, bias = _operands(_head(model), hidden)
+    features, weight, bias = _operands(head, hidden)
     reduction = "mean" if num_items_in_batch is None else "sum"
     # The private op leaves the loss in float32, as transformers computes it from upcast logits;
     # under autocast it runs the head in the autocast dtype, as lm_head would.
