@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
+from xentkit.kernels._fused_op import fused_cross_entropy
 
 # Elements per chunk of rows in the eager path: about 2 MiB of float32, so a chunk and the
 # few temporaries made from it stay in the L2/L3 cache between the passes.
@@ -378,114 +379,7 @@ def _forward(
     return (loss + z.sum() / count if z_loss else loss), grad
 
 
-def _graph_is_kept() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph=True``): the stored
-    gradient may then be needed again and must not be scaled in place. True while tracing,
-    where the scaling is functional anyway, and on torch versions that cannot tell."""
-    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return torch.compiler.is_compiling() or keeps is None or keeps()
-
-
-def _scale_gradient(grad: Tensor, grad_output: Tensor | None, reduction: str) -> Tensor | None:
-    """The stored gradient times ``grad_output``: in place unless the graph is kept, so the
-    backward pass needs no second (M, C) buffer."""
-    if grad_output is None:
-        return None
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError(
-            "xentkit's fused cross-entropy kernel has no second derivative (the backward pass "
-            "only scales the gradient it stored); pass backend='reference' to "
-            "xentkit.cross_entropy to differentiate twice (create_graph=True)."
-        )
-    if reduction == "none":
-        grad_output = grad_output.unsqueeze(1)
-    elif not torch.compiler.is_compiling() and bool(grad_output == 1):
-        return grad  # loss.backward(): nothing to scale
-    return grad * grad_output if _graph_is_kept() else grad.mul_(grad_output)
-
-
-@torch.library.custom_op("xentkit::chunked_cross_entropy", mutates_args=())
-def _cross_entropy_op(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """Loss and gradient buffer (empty when not ``compute_grad``) as one opaque op, so that a
-    ``torch.compile`` of the caller keeps the fused kernel whole."""
-    loss, grad = _forward(
-        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        compute_grad,
-    )  # fmt: skip
-    return loss, logits.new_empty(0) if grad is None else grad
-
-
-@_cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad):
-    acc = reference.accumulation_dtype(logits.dtype)
-    shape = logits.shape[:1] if reduction == "none" else ()
-    buffer = torch.empty_like(logits) if grad else logits.new_empty(0)
-    return logits.new_empty(shape, dtype=acc), buffer
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.reduction = inputs[4]
-    ctx.save_for_backward(output[1])
-    # Without this autograd would fill an (M, C) zero gradient for the unused buffer output.
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss: Tensor, _grad_buffer: Tensor):
-    (grad,) = ctx.saved_tensors
-    return _scale_gradient(grad, grad_loss, ctx.reduction), *(None,) * 8
-
-
-_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("xentkit::chunked_cross_entropy_inplace_", mutates_args=("logits",))
-def _cross_entropy_inplace_op(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-) -> Tensor:
-    """The loss; the gradient is written over ``logits``."""
-    options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    return _forward(logits, target, *options, compute_grad=True, out=logits)[0]
-
-
-@_cross_entropy_inplace_op.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    shape = logits.shape[:1] if reduction == "none" else ()
-    return logits.new_empty(shape, dtype=reference.accumulation_dtype(logits.dtype))
-
-
-class _InplaceCrossEntropy(torch.autograd.Function):
-    """Cross entropy whose gradient lives in the logits' own storage (a mutating op cannot
-    carry an autograd formula of its own, so this Function does)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, *options) -> Tensor:
-        loss = _cross_entropy_inplace_op(logits, target, *options)
-        ctx.reduction = options[2]
-        ctx.save_for_backward(logits)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        (grad,) = ctx.saved_tensors
-        return _scale_gradient(grad, grad_loss, ctx.reduction), *(None,) * 7
+_fused_cross_entropy = fused_cross_entropy("chunked_cross_entropy", _forward)
 
 
 def cross_entropy(
@@ -506,8 +400,8 @@ def cross_entropy(
     multiplies the stored gradient by ``grad_output`` (row by row for ``reduction="none"``),
     so it has no second derivative (differentiating twice raises). No gradient is computed when
     ``logits`` does not require one; a ``weight`` that requires grad runs the reference maths,
-    the one path that differentiates with respect to it. It is a ``torch.library`` custom op,
-    so ``torch.compile`` of a caller traces through it.
+    the one path that differentiates with respect to it. It is a ``torch.library`` custom op
+    (:mod:`xentkit.kernels._fused_op`), so ``torch.compile`` of a caller traces through it.
 
     Args:
         logits: ``(M, C)`` rows of logits, any floating dtype (accumulated in float32,
@@ -531,7 +425,4 @@ def cross_entropy(
                 [ 0.0337, -0.0893,  0.0556]])
     """
     options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    if inplace_backward and compute_grad:
-        return _InplaceCrossEntropy.apply(logits, target, *options)
-    return _cross_entropy_op(logits, target, *options, compute_grad)[0]
+    return _fused_cross_entropy(logits, target, *options, inplace_backward)

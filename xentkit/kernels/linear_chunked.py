@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
+from xentkit.kernels._fused_op import graph_is_kept
 from xentkit.kernels.chunked import loss_and_grad
 
 # About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk:
@@ -251,13 +252,6 @@ def _backward_per_token(
     )
 
 
-def _graph_is_kept() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph=True``) or is being traced:
-    the saved gradients may be needed again and must not be scaled in place."""
-    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return torch.compiler.is_compiling() or keeps is None or keeps()
-
-
 @torch.library.custom_op("xentkit::linear_cross_entropy", mutates_args=())
 def _linear_op(
     hidden: Tensor,
@@ -360,7 +354,7 @@ def _backward(ctx, grad_loss: Tensor | None, *_unused):
         unit, *grads = ctx.saved_tensors
         scale = grad_loss * unit
         # In place where the graph is not kept: no second copy of the V x D weight gradient.
-        grads = [g * scale if _graph_is_kept() else g.mul_(scale) for g in grads]
+        grads = [g * scale if graph_is_kept() else g.mul_(scale) for g in grads]
     gh, gw, gb = (
         g.to(dtype) if need else None
         for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs, strict=True)
