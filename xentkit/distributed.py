@@ -51,6 +51,28 @@ whose backward sums nothing (not ``copy_to_tensor_model_parallel_region``; with 
 parallelism, an all-gather whose backward keeps this rank's part of the sequence without a
 reduce-scatter).
 
+DTensor. :func:`xentkit.cross_entropy` and :func:`xentkit.linear_cross_entropy` given DTensor
+arguments (``torch.distributed.tensor``, e.g. from ``parallelize_module``) run the functions
+above over the process group of the mesh dim that splits the classes, read from the placements:
+
+* ``linear_cross_entropy(h, head.weight, t, head.bias)`` with ``head`` parallelised by
+  ``ColwiseParallel(use_local_output=False)``: weight and bias ``Shard(0)`` on one mesh dim and
+  ``Replicate()`` on the others (on a ``(dp, tp)`` mesh, the ``tp`` sub-mesh's group), ``h``
+  and ``t`` plain or replicated; the weight's and bias's gradients come back as DTensors in
+  their placements (:func:`dtensor_linear_cross_entropy`);
+* ``cross_entropy(logits, t)`` with the logits' class dim split (``Shard(1)`` of
+  ``(N, C, ...)``, what ``loss_parallel()`` takes: flatten a ``(B, T, V)`` head output first):
+  the values and gradients of ``F.cross_entropy`` under ``loss_parallel()``, with every option
+  above (:func:`dtensor_cross_entropy`).
+
+Uneven shards follow torch's layout (``torch.chunk``'s: the last ranks short, possibly empty).
+Any other placement (split along the batch or along D, partial, over several mesh dims) raises
+a ValueError that names the argument and the fix, on every rank and before any collective.
+Under FSDP2 the loss sees, in forward, the weight FSDP has gathered (a plain tensor), so nothing
+changes; an LM head that ``fully_shard`` split on its own, used outside its forward, is no
+vocabulary-parallel weight (every rank has its own batch) and the shared check says so.
+``examples/tensor_parallel.py`` trains a model parallelised this way.
+
 Example (a one-process group; ``examples/vocab_parallel.py`` runs two):
     >>> import torch, torch.distributed as dist
     >>> from xentkit.distributed import vocab_parallel_cross_entropy
@@ -520,7 +542,7 @@ def vocab_parallel_cross_entropy(
 
     Args:
         logits_shard: ``(..., V_r)`` this rank's classes ``[vocab_start, vocab_start + V_r)``
-            of the logits; ``V_r`` may differ between ranks.
+            of the logits; ``V_r`` may differ between ranks (and be 0).
         target: ``(...)`` global class ids in ``[0, V)`` or ``ignore_index``, the same on
             every rank.
         group: the process group holding the slices; None for the default group.
@@ -716,7 +738,7 @@ def linear_cross_entropy(
     Args:
         input: ``(..., D)`` hidden states, the same on every rank.
         weight: ``(V_r, D)`` this rank's rows of the classifier, rank ``r`` holding classes
-            ``[sum of lower ranks' V_r, ... + V_r)``; ``V_r`` may differ between ranks.
+            ``[sum of lower ranks' V_r, ... + V_r)``; ``V_r`` may differ between ranks (and be 0).
         target: ``(...)`` global class ids in ``[0, V)`` or ``ignore_index``, the same on
             every rank.
         bias: optional ``(V_r,)`` slice of the bias.
@@ -1064,7 +1086,7 @@ def dtensor_linear_cross_entropy(
         class_weight,
         (ignore_index, reduction, label_smoothing, z_loss, softcap),
         chunk_size,
-        weight.device_mesh.get_group(mesh_dim),
+        mesh.get_group(mesh_dim),
         vocab_start=_slice_start(weight, 0),
         logits_dtype=logits_dtype,
         hint=_ROWS_SPLIT_HINT.format(mesh_dim=mesh_dim),
