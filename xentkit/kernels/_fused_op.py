@@ -38,6 +38,15 @@ def graph_is_kept() -> bool:
     return torch.compiler.is_compiling() or keeps is None or keeps()
 
 
+def no_class_weight_derivative(needed: bool) -> None:
+    """Raise, as PyTorch's cross_entropy does, when the class weights ask for a gradient."""
+    if needed:
+        raise RuntimeError(
+            "the derivative for 'weight' (the class weights) is not implemented, as in "
+            "PyTorch's cross_entropy: pass weight.detach(), or use backend='reference'."
+        )
+
+
 def scale_gradient(grad: Tensor, grad_output: Tensor | None, reduction: str) -> Tensor | None:
     """The stored gradient times ``grad_output``: in place unless the graph is kept, so the
     backward pass needs no second (M, C) buffer."""
@@ -98,6 +107,7 @@ def fused_cross_entropy(name: str, forward: Forward) -> Callable[..., Tensor]:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss: Tensor, _grad_buffer: Tensor):
+        no_class_weight_derivative(ctx.needs_input_grad[2])
         (grad,) = ctx.saved_tensors
         return scale_gradient(grad, grad_loss, ctx.reduction), *(None,) * 8
 
@@ -134,6 +144,7 @@ def fused_cross_entropy(name: str, forward: Forward) -> Callable[..., Tensor]:
 
         @staticmethod
         def backward(ctx, grad_loss: Tensor):
+            no_class_weight_derivative(ctx.needs_input_grad[2])
             (grad,) = ctx.saved_tensors
             return scale_gradient(grad, grad_loss, ctx.reduction), *(None,) * 7
 

@@ -1,6 +1,8 @@
 """Triton kernels for CUDA: fused cross entropy and fused linear cross entropy.
 
-Two fast paths, each a ``torch.autograd.Function`` around Triton kernels:
+Two fast paths, each a ``torch.library`` custom op around Triton kernels (opaque to
+``torch.compile``, with fake implementations and registered backwards; no host synchronisation,
+so they can be captured in CUDA graphs):
 
 * :func:`cross_entropy` over ``(M, V)`` logits: one program per row sweeps the row twice,
   first for the log-sum-exp (an online maximum and sum over vocabulary blocks) and the loss,
@@ -26,8 +28,8 @@ Example:
     >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]], requires_grad=True)
     >>> target = torch.tensor([2, 1])
     >>> loss = kernels.cross_entropy(logits, target, None, -100, "mean", 0.0, 0.0, None, False)
-    >>> loss
-    tensor(0.3306, grad_fn=<_CrossEntropyBackward>)
+    >>> loss.detach()
+    tensor(0.3306)
     >>> loss.backward()
     >>> logits.grad
     tensor([[ 0.1156,  0.0701, -0.1857],
@@ -42,6 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from xentkit import reference
+from xentkit.kernels._fused_op import fused_cross_entropy, no_class_weight_derivative
 
 # The kernels below are Python functions run on CPU tensors, not compiled for a GPU, when
 # TRITON_INTERPRET was set as this module was imported (Triton decides at decoration time).
@@ -493,25 +496,15 @@ def _constants(
     one = torch.ones((), dtype=count.dtype, device=count.device)
     ce_scale, z_scale = (1 / denominator, 1 / count) if reduction == "mean" else (one, one)
     total_w = one * num_classes if weight is None else weight.to(count.dtype).sum()
-    options = torch.tensor(
-        [label_smoothing, z_loss, 1.0 if softcap is None else softcap],
-        dtype=count.dtype,
-        device=count.device,
-    )
-    return torch.cat([torch.stack([ce_scale, z_scale, total_w]), options])
+    # Python floats times a device scalar: no host-to-device copy (which a CUDA graph could not
+    # capture).
+    options = [one * label_smoothing, one * z_loss, one * (1.0 if softcap is None else softcap)]
+    return torch.stack([ce_scale, z_scale, total_w, *options])
 
 
 def _reduce(ce: Tensor, z: Tensor, reduction: str, denominator: Tensor, count: Tensor) -> Tensor:
     """:func:`xentkit.reference.reduce_cross_entropy` from the per-row terms."""
     return reference.reduce(ce, reduction, denominator) + reference.reduce(z, reduction, count)
-
-
-def _no_class_weight_derivative(needed: bool) -> None:
-    if needed:
-        raise RuntimeError(
-            "the derivative for 'weight' (the class weights) is not implemented, as in "
-            "PyTorch's cross_entropy: pass weight.detach(), or use backend='reference'."
-        )
 
 
 def _ce_block(num_classes: int) -> tuple[int, int]:
@@ -520,70 +513,48 @@ def _ce_block(num_classes: int) -> tuple[int, int]:
     return block, 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        logits: Tensor,
-        target: Tensor,
-        weight: Tensor | None,
-        ignore_index: int,
-        reduction: str,
-        label_smoothing: float,
-        z_loss: float,
-        softcap: float | None,
-        inplace_backward: bool,
-        compute_grad: bool,
-    ) -> Tensor:
-        num_rows, num_classes = logits.shape
-        acc = reference.accumulation_dtype(logits.dtype)
-        if logits.stride(1) != 1:
-            logits = logits.contiguous()
-        target = target.contiguous()
-        weight = None if weight is None else weight.contiguous()
-        denominator, count = _denominators(target, weight, ignore_index, acc)
-        consts = _constants(
-            reduction, denominator, count, weight, num_classes, label_smoothing, z_loss, softcap
-        )
-        ce = torch.empty(num_rows, dtype=acc, device=logits.device)
-        z = torch.empty_like(ce)
-        grad = None
-        if compute_grad:
-            grad = logits if inplace_backward else torch.empty_like(logits)
-        if num_rows:
-            block, warps = _ce_block(num_classes)
-            _cross_entropy_kernel[(num_rows,)](
-                logits, logits.stride(0), logits if grad is None else grad,
-                logits.stride(0) if grad is None else grad.stride(0), target, weight, consts, ce,
-                z, num_classes, ignore_index, _TL[acc], weight is not None,
-                label_smoothing > 0, z_loss > 0, softcap is not None, compute_grad, block,
-                num_warps=warps,
-            )  # fmt: skip
-        ctx.reduction = reduction
-        ctx.inplace_backward = inplace_backward
-        ctx.consumed = False
-        ctx.save_for_backward(grad)
-        return _reduce(ce, z, reduction, denominator, count)
+def _forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    compute_grad: bool,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The reduced loss and, when ``compute_grad``, its gradient written into ``out`` (a new
+    buffer when None): one launch of :func:`_cross_entropy_kernel`, no host synchronisation."""
+    num_rows, num_classes = logits.shape
+    acc = reference.accumulation_dtype(logits.dtype)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    target = target.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    denominator, count = _denominators(target, weight, ignore_index, acc)
+    consts = _constants(
+        reduction, denominator, count, weight, num_classes, label_smoothing, z_loss, softcap
+    )
+    ce = torch.empty(num_rows, dtype=acc, device=logits.device)
+    z = torch.empty_like(ce)
+    grad = None
+    if compute_grad:
+        grad = torch.empty_like(logits) if out is None else out
+    if num_rows:
+        block, warps = _ce_block(num_classes)
+        _cross_entropy_kernel[(num_rows,)](
+            logits, logits.stride(0), logits if grad is None else grad,
+            logits.stride(0) if grad is None else grad.stride(0), target, weight, consts, ce,
+            z, num_classes, ignore_index, _TL[acc], weight is not None,
+            label_smoothing > 0, z_loss > 0, softcap is not None, compute_grad, block,
+            num_warps=warps,
+        )  # fmt: skip
+    return _reduce(ce, z, reduction, denominator, count), grad
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        _no_class_weight_derivative(ctx.needs_input_grad[2])
-        if ctx.consumed:
-            raise RuntimeError(
-                "The gradient of the Triton cross entropy was already consumed: with "
-                "inplace_backward=True the forward pass allows one backward pass (it scales "
-                "the gradient in place); recompute the loss, or use inplace_backward=False."
-            )
-        (grad,) = ctx.saved_tensors
-        scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
-        scale = scale.to(grad.dtype)
-        if ctx.inplace_backward:
-            # The gradient already lives in the logits' storage: scale it there, no new buffer.
-            ctx.consumed = True
-            grad = grad.mul_(scale)
-        else:
-            grad = grad * scale
-        return grad, *([None] * 9)
+
+_fused_cross_entropy = fused_cross_entropy("triton_cross_entropy", _forward)
 
 
 def cross_entropy(
@@ -631,11 +602,9 @@ def cross_entropy(
     See also :func:`linear_cross_entropy`, :mod:`xentkit.kernels.chunked` (the CPU path).
     """
     _check_device(logits, target, weight)
-    # Inside forward grad mode is always off, so whether a backward can come is decided here.
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    return _CrossEntropy.apply(
+    return _fused_cross_entropy(
         logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        inplace_backward, compute_grad,
+        inplace_backward,
     )  # fmt: skip
 
 
@@ -657,82 +626,149 @@ def _linear_launch(hidden: Tensor) -> tuple[tuple[int], dict]:
     return (triton.cdiv(hidden.shape[0], block_m),), options
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        hidden: Tensor,
-        weight: Tensor,
-        target: Tensor,
-        bias: Tensor | None,
-        class_weight: Tensor | None,
-        ignore_index: int,
-        reduction: str,
-        label_smoothing: float,
-        z_loss: float,
-        softcap: float | None,
-        filter_eps: float | None,
-    ) -> Tensor:
-        num_rows, dim = hidden.shape
-        num_classes = weight.shape[0]
-        acc = reference.accumulation_dtype(hidden.dtype)
-        hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        class_weight = None if class_weight is None else class_weight.contiguous()
-        denominator, count = _denominators(target, class_weight, ignore_index, acc)
-        consts = _constants(
-            reduction, denominator, count, class_weight, num_classes, label_smoothing, z_loss,
-            softcap,
-        )  # fmt: skip
-        lse = torch.empty(num_rows, dtype=acc, device=hidden.device)
-        ce, z = torch.empty_like(lse), torch.empty_like(lse)
-        flags = {
-            "HAS_BIAS": bias is not None,
-            "HAS_WEIGHT": class_weight is not None,
-            "HAS_SMOOTHING": label_smoothing > 0,
-            "HAS_Z": z_loss > 0,
-            "HAS_SOFTCAP": softcap is not None,
-        }
-        if num_rows:
-            grid, launch = _linear_launch(hidden)
-            _linear_forward_kernel[grid](
-                hidden, hidden.stride(0), weight, weight.stride(0), bias, target, class_weight,
-                consts, lse, ce, z, num_rows, num_classes, dim, ignore_index, **flags, **launch,
-            )  # fmt: skip
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight, consts, lse)
-        ctx.options = (ignore_index, filter_eps if label_smoothing == 0 else None)
-        ctx.flags = flags
-        return _reduce(ce, z, reduction, denominator, count)
+def _linear_flags(
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> dict[str, bool]:
+    """The compile-time switches of the linear kernels."""
+    return {
+        "HAS_BIAS": bias is not None,
+        "HAS_WEIGHT": class_weight is not None,
+        "HAS_SMOOTHING": label_smoothing > 0,
+        "HAS_Z": z_loss > 0,
+        "HAS_SOFTCAP": softcap is not None,
+    }
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        hidden, weight, bias, target, class_weight, consts, lse = ctx.saved_tensors
-        _no_class_weight_derivative(ctx.needs_input_grad[4])
-        ignore_index, filter_eps = ctx.options
-        num_rows, dim = hidden.shape
-        acc = lse.dtype
-        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        grad_output = grad_output.to(acc).expand(num_rows)
-        if num_rows:
-            grid, launch = _linear_launch(hidden)
-            _linear_backward_kernel[grid](
-                hidden, hidden.stride(0), weight, weight.stride(0), bias, target, class_weight,
-                consts, lse, grad_output, grad_output.stride(0), grad_h, grad_w, grad_b,
-                num_rows, weight.shape[0], dim, ignore_index,
-                0.0 if filter_eps is None else filter_eps,
-                **ctx.flags, HAS_FILTER=filter_eps is not None, GRAD_H=need_h, GRAD_W=need_w,
-                GRAD_B=need_b, **launch,
-            )  # fmt: skip
-        return (
-            None if grad_h is None else grad_h.to(hidden.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None,
-            None if grad_b is None else grad_b.to(bias.dtype),
-            *([None] * 7),
-        )
+
+@torch.library.custom_op("xentkit::triton_linear_cross_entropy", mutates_args=())
+def _linear_op(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    filter_eps: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, lse, consts)``: the forward kernel keeps each row's log-sum-exp for the
+    backward kernel (which also takes ``filter_eps``); one opaque op for ``torch.compile``,
+    with no host synchronisation."""
+    num_rows, dim = hidden.shape
+    num_classes = weight.shape[0]
+    acc = reference.accumulation_dtype(hidden.dtype)
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    class_weight = None if class_weight is None else class_weight.contiguous()
+    denominator, count = _denominators(target, class_weight, ignore_index, acc)
+    consts = _constants(
+        reduction, denominator, count, class_weight, num_classes, label_smoothing, z_loss,
+        softcap,
+    )  # fmt: skip
+    lse = torch.empty(num_rows, dtype=acc, device=hidden.device)
+    ce, z = torch.empty_like(lse), torch.empty_like(lse)
+    flags = _linear_flags(bias, class_weight, label_smoothing, z_loss, softcap)
+    if num_rows:
+        grid, launch = _linear_launch(hidden)
+        _linear_forward_kernel[grid](
+            hidden, hidden.stride(0), weight, weight.stride(0), bias, target, class_weight,
+            consts, lse, ce, z, num_rows, num_classes, dim, ignore_index, **flags, **launch,
+        )  # fmt: skip
+    return _reduce(ce, z, reduction, denominator, count), lse, consts
+
+
+@_linear_op.register_fake
+def _(hidden, weight, target, bias, class_weight, ignore_index, reduction, *_options):
+    acc = reference.accumulation_dtype(hidden.dtype)
+    lse = hidden.new_empty(hidden.shape[:1], dtype=acc)
+    loss = torch.empty_like(lse) if reduction == "none" else lse.new_empty(())
+    return loss, lse, lse.new_empty(6)
+
+
+@torch.library.custom_op("xentkit::triton_linear_cross_entropy_backward", mutates_args=())
+def _linear_backward_op(
+    grad_output: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    consts: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    filter_eps: float | None,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients asked for by ``needs`` (hidden, weight, bias) in the inputs' dtypes, an
+    empty tensor for each other one: the backward kernel recomputes the logit tiles."""
+    num_rows, dim = hidden.shape
+    acc = lse.dtype
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    class_weight = None if class_weight is None else class_weight.contiguous()
+    need_h, need_w, need_b = needs
+    grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+    grad_output = grad_output.to(acc).expand(num_rows)
+    flags = _linear_flags(bias, class_weight, label_smoothing, z_loss, softcap)
+    if num_rows:
+        grid, launch = _linear_launch(hidden)
+        _linear_backward_kernel[grid](
+            hidden, hidden.stride(0), weight, weight.stride(0), bias, target, class_weight,
+            consts, lse, grad_output, grad_output.stride(0), grad_h, grad_w, grad_b,
+            num_rows, weight.shape[0], dim, ignore_index,
+            0.0 if filter_eps is None else filter_eps,
+            **flags, HAS_FILTER=filter_eps is not None, GRAD_H=need_h, GRAD_W=need_w,
+            GRAD_B=need_b, **launch,
+        )  # fmt: skip
+    grads = zip((grad_h, grad_w, grad_b), (hidden, weight, bias), strict=True)
+    return tuple(hidden.new_empty(0) if g is None else g.to(p.dtype) for g, p in grads)
+
+
+@_linear_backward_op.register_fake
+def _(grad_output, hidden, weight, target, bias, *options):
+    needs = options[-1]
+    params = (hidden, weight, bias)
+    return tuple(
+        torch.empty_like(p) if need else hidden.new_empty(0)
+        for p, need in zip(params, needs, strict=True)
+    )
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, target, bias, class_weight, ignore_index, _, *options, filter_eps = inputs
+    _, lse, consts = output
+    ctx.save_for_backward(hidden, weight, target, bias, class_weight, consts, lse)
+    # Label smoothing adds a gradient that does not shrink with the softmax: no filtering.
+    ctx.options = (ignore_index, *options, filter_eps if options[0] == 0 else None)
+    ctx.mark_non_differentiable(lse, consts)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, grad_loss: Tensor | None, *_unused):
+    hidden, weight, target, bias, class_weight, consts, lse = ctx.saved_tensors
+    no_class_weight_derivative(ctx.needs_input_grad[4])
+    if grad_loss is None:
+        return (None,) * 11
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 3)]
+    grads = _linear_backward_op(
+        grad_loss, hidden, weight, target, bias, class_weight, consts, lse, *ctx.options, needs
+    )
+    gh, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=True))
+    return gh, gw, None, gb, *(None,) * 7
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def linear_cross_entropy(
@@ -795,7 +831,7 @@ def linear_cross_entropy(
     See also :func:`cross_entropy`, :func:`xentkit.linear_cross_entropy`.
     """
     _check_device(hidden, weight, target, bias, class_weight)
-    return _LinearCrossEntropy.apply(
+    return _linear_op(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
         z_loss, softcap, filter_eps,
-    )  # fmt: skip
+    )[0]  # fmt: skip
