@@ -572,3 +572,25 @@ def test_uninitialised_group_is_a_clear_error():
         vocab_parallel_cross_entropy(logits, target)
     with pytest.raises(RuntimeError, match="not initialised"):
         xentkit.linear_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), target, process_group=1)
+
+
+def test_one_rank_under_autocast_and_with_an_infinite_logit_as_torch():
+    """The process-group path follows the single-process one: the head in the autocast dtype,
+    a float32 loss; a +inf logit gives NaN (inf - inf), as in torch."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(6, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    target, class_weight = torch.randint(0, 5, (6,), generator=gen), torch.rand(5, generator=gen)
+    logits = torch.randn(3, 4, generator=gen)
+    logits[0, 1] = float("inf")
+    with _one_process_group():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mine = xentkit.linear_cross_entropy(
+                hidden, weight, target, class_weight=class_weight, process_group=dist.group.WORLD
+            )
+            theirs = F.cross_entropy(F.linear(hidden, weight), target, weight=class_weight)
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, theirs)
+        target = torch.tensor([0, 1, 2])
+        mine = vocab_parallel_cross_entropy(logits, target, reduction="none")
+        theirs = F.cross_entropy(logits, target, reduction="none")
+        torch.testing.assert_close(mine, theirs, equal_nan=True)

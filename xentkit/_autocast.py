@@ -83,3 +83,9 @@ def lower(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if _eligible(t, device_type) else t for t in tensors)
+
+
+def loss_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of a loss computed from ``input`` (logits, or hidden states that make them):
+    float32 under autocast, whose policy runs the losses in float32; ``input``'s otherwise."""
+    return torch.float32 if enabled(input.device.type) else input.dtype

@@ -377,7 +377,7 @@ def _exp_shifted(x: Tensor) -> tuple[Tensor, Tensor]:
     # A slice may hold no class (DTensor's uneven Shard leaves the last ranks short, even empty);
     # its lse_r = log(0) = -inf then weighs nothing in the global log-sum-exp.
     m = x.amax(dim=-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
-    m = torch.where(torch.isinf(m), 0.0, m)
+    m = torch.where(m == float("-inf"), 0.0, m)
     return m, x.sub_(m.unsqueeze(-1)).exp_()
 
 
@@ -750,13 +750,13 @@ def linear_cross_entropy(
         process_group: the tensor-parallel group; None for the default group.
     Returns:
         the target's shape for ``reduction="none"``, else a scalar; in ``input``'s dtype and
-        equal on every rank.
+        equal on every rank (float32 under autocast, which runs the head in its dtype).
 
     See also :func:`vocab_parallel_cross_entropy` for logits that already exist.
     """
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     loss = _linear(input, weight, target, bias, class_weight, options, chunk_size, process_group)
-    return loss.to(input.dtype)
+    return loss.to(_autocast.loss_dtype(input))
 
 
 def _linear(
@@ -769,13 +769,15 @@ def _linear(
     chunk_size: int | None,
     group,
     vocab_start: int | None = None,
-    logits_dtype: torch.dtype | None = None,
     hint: str = "",
 ) -> Tensor:
     """:func:`linear_cross_entropy` with the loss left in the accumulation dtype (float32,
-    float64 for float64 input), this rank's slice at ``vocab_start`` (in rank order when None),
-    class weights in ``logits_dtype`` (``input``'s dtype when None; float32 under autocast) and
-    ``hint`` at the end of any error about ranks that disagree."""
+    float64 for float64 input), this rank's slice at ``vocab_start`` (in rank order when None)
+    and ``hint`` at the end of any error about ranks that disagree. Under autocast the head
+    runs in the autocast dtype and class weights are float32, as in the single-process path."""
+    logits_dtype = _autocast.loss_dtype(input) if isinstance(input, Tensor) else None
+    input, weight, bias = _autocast.lower(input, weight, bias)
+    (class_weight,) = _autocast.float32("cross_entropy", class_weight)
     rank, world_size = _rank(group)
     reduction, label_smoothing, z_loss, softcap = options[1:]
     grad_on = torch.is_grad_enabled()
@@ -784,7 +786,7 @@ def _linear(
         _checks.check_linear(input, weight, target, bias)
         if input.dtype not in _DTYPES:
             raise ValueError(f"input must be float16/bfloat16/float32/float64, got {input.dtype}.")
-        _check_weight(class_weight, logits_dtype or input.dtype, "class_weight")
+        _check_weight(class_weight, logits_dtype, "class_weight")
         _check_options(reduction, label_smoothing, z_loss, softcap)
         _checks.check_chunk_size(chunk_size)
 
@@ -1072,12 +1074,6 @@ def dtensor_linear_cross_entropy(
     class_weight = _whole("class_weight", class_weight, "pass class_weight.full_tensor().")
     local_weight = weight.to_local()
     local_bias = None if bias is None else bias.to_local()
-    logits_dtype = None
-    if _autocast.enabled(local_weight.device.type):
-        # As the single-process path: the head in the autocast dtype, class weights in float32.
-        hidden, local_weight, local_bias = _autocast.lower(hidden, local_weight, local_bias)
-        (class_weight,) = _autocast.float32("cross_entropy", class_weight)
-        logits_dtype = accumulation_dtype(hidden.dtype)
     loss = _linear(
         hidden,
         local_weight,
@@ -1088,7 +1084,6 @@ def dtensor_linear_cross_entropy(
         chunk_size,
         mesh.get_group(mesh_dim),
         vocab_start=_slice_start(weight, 0),
-        logits_dtype=logits_dtype,
         hint=_ROWS_SPLIT_HINT.format(mesh_dim=mesh_dim),
     )
     return _replicated(loss, mesh) if isinstance(input, DTensor) else loss

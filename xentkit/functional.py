@@ -376,7 +376,7 @@ def linear_cross_entropy(
     loss = _linear_cross_entropy(*args, z_loss, softcap, chunk_size, process_group, backend)
     # Under autocast the head runs in the autocast dtype and the loss, like F.cross_entropy's,
     # comes back in float32.
-    return loss.to(torch.float32 if _autocast.enabled(input.device.type) else input.dtype)
+    return loss.to(_autocast.loss_dtype(input))
 
 
 def _linear_cross_entropy(
@@ -408,8 +408,8 @@ def _linear_cross_entropy(
 
         # Every check runs inside, agreed over the group: a rank that failed alone here would
         # leave the others waiting in their first collective.
-        return distributed.linear_cross_entropy(
-            input, weight, target, bias, *options, chunk_size, process_group=process_group
+        return distributed._linear(
+            input, weight, target, bias, class_weight, options[1:], chunk_size, process_group
         )
     _checks.check_reduction(reduction)
     _checks.check_options(label_smoothing, z_loss, softcap)
@@ -419,8 +419,9 @@ def _linear_cross_entropy(
     (class_weight,) = _autocast.float32("cross_entropy", class_weight)
     _checks.check_linear(input, weight, target, bias)
     hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
-    logits_dtype = torch.float32 if _autocast.enabled(input.device.type) else input.dtype
-    _checks.check_class_weight(class_weight, weight.shape[0], logits_dtype, "class_weight")
+    _checks.check_class_weight(
+        class_weight, weight.shape[0], _autocast.loss_dtype(input), "class_weight"
+    )
     _checks.check_target_range(labels, weight.shape[0], ignore_index)
     name = resolve_backend(backend, "linear_cross_entropy", input.device, class_weight)
     if name == "reference":
