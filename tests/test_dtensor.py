@@ -20,6 +20,8 @@ the ``"reference"`` backend (the spec, in float64).
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import math
 import subprocess
 import sys
@@ -470,6 +472,44 @@ def _check_fsdp(checks: Checks, rank: int, mesh: DeviceMesh) -> None:
     )  # fmt: skip
 
 
+def _check_fsdp_patched_model(checks: Checks, rank: int, mesh: DeviceMesh) -> None:
+    """FSDP2 ``fully_shard`` of a Hugging Face model patched to the fused loss: each rank's
+    loss and the averaged gradients equal the unpatched model's on one process."""
+    transformers = importlib.import_module("transformers")
+    from torch.distributed.fsdp import fully_shard
+
+    from xentkit.integrations.transformers import patch
+
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    torch.manual_seed(9)
+    single = transformers.LlamaForCausalLM(config).double()
+    gens = [torch.Generator().manual_seed(30 + r) for r in range(mesh.size())]
+    batches = [torch.randint(0, 50, (2, 7), generator=g) for g in gens]
+    losses, grads = [], []
+    for ids in batches:
+        single.zero_grad()
+        losses.append(single(ids, labels=ids).loss)
+        losses[-1].backward()
+        grads.append({n: p.grad.clone() for n, p in single.named_parameters()})
+
+    model = patch(copy.deepcopy(single))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids = batches[rank]
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    # transformers computes the unpatched loss from float32 logits, even in a float64 model.
+    f32 = torch.float32
+    checks.close("FSDP patched model loss", loss.to(f32), losses[rank], dtype=f32)
+    for name, param in model.named_parameters():
+        mean = sum(g[name] for g in grads) / len(grads)  # FSDP averages over the ranks
+        checks.close(f"FSDP patched model grad {name}", param.grad.full_tensor(), mean, f32)
+
+
 # ---------------------------------------------------------------- what the ranks run
 
 
@@ -491,6 +531,8 @@ def _ranks(checks: Checks, rank: int, world_size: int) -> None:
         _check_logits(checks, pair, 7, 0, every=1)
         _check_colwise_head(checks, pair)
         _check_fsdp(checks, rank, pair)
+        if importlib.util.find_spec("transformers") is not None:
+            _check_fsdp_patched_model(checks, rank, pair)
 
 
 # ---------------------------------------------------------------- the tests
