@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -73,7 +74,7 @@ class Checks:
             self.failures.append(f"rank {self.rank}: {name}: {detail}")
 
 
-def _entry(rank: int, world_size: int, store: str, worker: str, args: tuple) -> None:
+def _entry(rank: int, world_size: int, store: str, worker: Callable) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -82,9 +83,9 @@ def _entry(rank: int, world_size: int, store: str, worker: str, args: tuple) -> 
         world_size=world_size,
         timeout=timedelta(seconds=60),
     )
+    checks = Checks(rank)
     try:
-        checks = Checks(rank)
-        globals()[worker](checks, rank, world_size, *args)
+        worker(checks, rank, world_size)
     finally:
         dist.destroy_process_group()
     assert not checks.failures, f"{len(checks.failures)} of {checks.count} checks failed:\n" + (
@@ -92,9 +93,11 @@ def _entry(rank: int, world_size: int, store: str, worker: str, args: tuple) -> 
     )
 
 
-def _spawn(tmp_path, world_size: int, worker: str, *args) -> None:
-    store = tmp_path / "store"
-    mp.spawn(_entry, args=(world_size, str(store), worker, args), nprocs=world_size, join=True)
+def _spawn(tmp_path, world_size: int, worker: Callable) -> None:
+    """Run ``worker(checks, rank, world_size)`` on ``world_size`` gloo ranks (a module-level
+    function: the ranks import it by name); fail with every rank's failed checks."""
+    store = str(tmp_path / "store")
+    mp.spawn(_entry, args=(world_size, store, worker), nprocs=world_size, join=True)
 
 
 # ---------------------------------------------------------------- inputs shared by every rank
@@ -492,12 +495,12 @@ def _three_ranks(checks: Checks, rank: int, world_size: int) -> None:
 
 @pytest.mark.distributed
 def test_two_ranks_match_the_single_process_reference(tmp_path):
-    _spawn(tmp_path, 2, "_two_ranks")
+    _spawn(tmp_path, 2, _two_ranks)
 
 
 @pytest.mark.distributed
 def test_three_uneven_ranks_match_the_single_process_reference(tmp_path):
-    _spawn(tmp_path, 3, "_three_ranks")
+    _spawn(tmp_path, 3, _three_ranks)
 
 
 @contextlib.contextmanager

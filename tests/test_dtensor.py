@@ -25,16 +25,12 @@ import importlib.util
 import math
 import subprocess
 import sys
-from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_distributed import Checks, _grad_out, _grid, _problem
+from test_distributed import Checks, _grad_out, _grid, _problem, _spawn
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -44,30 +40,6 @@ import xentkit
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
-
-
-def _entry(rank: int, world_size: int, store: str, worker: Callable) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    checks = Checks(rank)
-    try:
-        worker(checks, rank, world_size)
-    finally:
-        dist.destroy_process_group()
-    assert not checks.failures, f"{len(checks.failures)} of {checks.count} checks failed:\n" + (
-        "\n".join(checks.failures[:20])
-    )
-
-
-def _spawn(tmp_path, world_size: int, worker: Callable) -> None:
-    store = str(tmp_path / "store")
-    mp.spawn(_entry, args=(world_size, store, worker), nprocs=world_size, join=True)
 
 
 # ---------------------------------------------------------------- helpers on every rank
