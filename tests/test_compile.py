@@ -54,6 +54,9 @@ CASES = {
     ),
     "CrossEntropyLoss": xentkit.nn.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4),
     "NLLLoss": lambda x, t: xentkit.nn.NLLLoss(reduction="sum")(F.log_softmax(x, 1), t),
+    "BCELoss": lambda x, t: xentkit.nn.BCELoss(reduction="sum")(
+        torch.sigmoid(x), torch.ones_like(x)
+    ),
     "BCEWithLogitsLoss": lambda x, t: xentkit.nn.BCEWithLogitsLoss()(x, torch.ones_like(x)),
     "linear_cross_entropy": _linear(),
     "linear_cross_entropy options": _linear(
