@@ -33,7 +33,7 @@ bias gradients accumulate in float32 (float64 for float64 input), as under ``tor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -67,7 +67,7 @@ def auto_chunk_size(num_classes: int, hidden_dim: int, dtype: torch.dtype) -> in
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes // 32 * 32)
 
 
-class _Problem:
+class Problem:
     """The inputs and options of one call, and the tokens that count."""
 
     def __init__(
@@ -151,7 +151,7 @@ class _Gradients:
     """The gradients of the hidden states, weight and bias that were asked for, accumulated
     chunk by chunk (weight and bias in the accumulation dtype)."""
 
-    def __init__(self, problem: _Problem, needs: tuple[bool, bool, bool]) -> None:
+    def __init__(self, problem: Problem, needs: tuple[bool, bool, bool]) -> None:
         self.problem = problem
         # Ignored tokens are never visited, so their rows must start at zero.
         zero_hidden = problem.index is not None
@@ -189,7 +189,7 @@ class _Gradients:
 
 
 def _forward(
-    problem: _Problem, reduction: str, needs: tuple[bool, bool, bool]
+    problem: Problem, reduction: str, needs: tuple[bool, bool, bool]
 ) -> tuple[Tensor, _Gradients]:
     """The loss and, for the mean and the sum, the gradients of its unnormalised sum."""
     ce_denominator, z_denominator = problem.denominators(reduction)
@@ -224,32 +224,43 @@ def _forward(
     return ce_total / ce_denominator + z_total / z_denominator, grads
 
 
-def _backward_per_token(
-    problem: _Problem, grad_output: Tensor, needs: tuple[bool, bool, bool]
+def backward_over_chunks(
+    problem: Problem,
+    needs: tuple[bool, bool, bool],
+    chunk_grad: Callable[[slice | Tensor, Tensor, Tensor], Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``sum_i grad_output_i * loss_i``: the chunks are walked again and each
-    row's logits gradient is scaled by its ``grad_output``."""
+    """Walk the chunks again, recompute each one's logits and push ``chunk_grad(positions,
+    logits, targets)`` (the gradient of the logits, which it may write over them) through the
+    head: the gradients asked for by ``needs`` in the parameters' dtypes, an empty tensor for
+    each other one."""
     grads = _Gradients(problem, needs)
-    grad_output = grad_output.to(problem.acc)
     buffer = problem.buffer()
     for where, hidden, target in problem.chunks():
         logits = problem.logits(hidden, buffer)
-        scale = grad_output[where]
-        _, _, grad = loss_and_grad(
-            logits,
-            target,
-            problem.class_weight,
-            *problem.options,
-            ce_scale=scale,
-            z_scale=scale,
-            out=logits,
-        )
-        grads.add(where, hidden, grad)
+        grads.add(where, hidden, chunk_grad(where, logits, target))
     params = (problem.hidden, problem.weight, problem.bias)
     return tuple(
         g.to(p.dtype) if need else g
         for g, p, need in zip(grads.tensors(), params, needs, strict=True)
     )
+
+
+def _backward_per_token(
+    problem: Problem, grad_output: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum_i grad_output_i * loss_i``: each row's logits gradient is scaled by
+    its ``grad_output``."""
+    grad_output = grad_output.to(problem.acc)
+
+    def chunk_grad(where: slice | Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        scale = grad_output[where]
+        options = (problem.class_weight, *problem.options)
+        _, _, grad = loss_and_grad(
+            logits, target, *options, ce_scale=scale, z_scale=scale, out=logits
+        )
+        return grad
+
+    return backward_over_chunks(problem, needs, chunk_grad)
 
 
 @torch.library.custom_op("xentkit::linear_cross_entropy", mutates_args=())
@@ -273,7 +284,7 @@ def _linear_op(
     op, so that a ``torch.compile`` of the caller neither unrolls nor re-traces the chunk loop
     (its length depends on how many tokens count)."""
     options = (ignore_index, label_smoothing, z_loss, softcap)
-    problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
+    problem = Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
     loss, grads = _forward(problem, reduction, tuple(needs))
     denominator = problem.denominators(reduction)[0]
     # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
@@ -310,7 +321,7 @@ def _linear_backward_op(
     """The gradients of ``sum_i grad_output_i * loss_i`` (``reduction="none"``) in the
     parameters' dtypes, an empty tensor for each one not asked for."""
     options = (ignore_index, label_smoothing, z_loss, softcap)
-    problem = _Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
+    problem = Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
     return _backward_per_token(problem, grad_output, tuple(needs))
 
 
