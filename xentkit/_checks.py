@@ -307,3 +307,16 @@ def check_chunk_size(chunk_size: int | None) -> None:
             f"chunk_size must be a positive int (tokens per chunk) or None (chosen from V and "
             f"D), got {chunk_size!r}."
         )
+
+
+def check_temperature(temperature: float) -> None:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not (0.0 < temperature < float("inf"))
+    ):
+        raise ValueError(
+            f"temperature must be a positive finite float (the logits are divided by it), got "
+            f"{temperature!r}; 1.0 leaves the distribution as it is, and for greedy decoding "
+            "take the argmax of the logits instead of a temperature of 0."
+        )

@@ -440,3 +440,90 @@ def _is_dtensor(*tensors: Tensor | None) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(t, DTensor) for t in tensors)
+
+
+def linear_log_probs(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Per-token log-probability of the target (and entropy) from the LM head, without the
+    ``(..., V)`` logits: what RL fine-tuning (PPO, GRPO) takes from a policy.
+
+    .. math:: \log p_n = s_{n,t_n} - \log \textstyle\sum_j e^{s_{n,j}}, \qquad
+              H_n = -\textstyle\sum_j p_{n,j} \log p_{n,j}, \qquad s_n = (W h_n + b) / T
+
+    equal, values and gradients (through both outputs, to ``input``, ``weight`` and ``bias``),
+    to ``log_softmax(F.linear(input, weight, bias) / T, -1).gather(-1, target)`` and
+    ``-(p * log p).sum(-1)``; see :func:`xentkit.reference.token_log_probs`. The fused backend
+    walks the tokens in chunks, so its extra memory does not grow with the number of tokens.
+
+    Args:
+        input: hidden states ``(..., D)``.
+        weight: classifier ``(V, D)``, the layout of ``nn.Linear(D, V).weight``.
+        target: class indices ``(...)``: the sampled tokens.
+        bias: optional ``(V,)``.
+        temperature: :math:`T > 0`, the sampling temperature the logits are divided by.
+        return_entropy: also return the entropy of each position's distribution.
+        ignore_index: positions with this target get 0 (and no gradient).
+        chunk_size: tokens per chunk for the fused backend (chosen from V and D when None).
+        process_group: not supported yet (vocab-parallel log-probs are not written).
+        backend: ``"chunked"`` (the default on every device: there is no Triton kernel for
+            this function yet, and ``"triton"`` raises) or ``"reference"``.
+    Returns:
+        ``log_prob`` of the target's shape, or ``(log_prob, entropy)`` with
+        ``return_entropy``; in the input's dtype (float32 under autocast, where the head runs
+        in the autocast dtype).
+
+    Example:
+        >>> import torch, xentkit
+        >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
+        >>> xentkit.linear_log_probs(h, w, torch.tensor([2, 1]), return_entropy=True)
+        (tensor([-0.4644, -0.1967]), tensor([0.9060, 0.5876]))
+        >>> xentkit.linear_log_probs(h, w, torch.tensor([2, -100]), temperature=2.0)
+        tensor([-0.7318,  0.0000])
+
+    See also :func:`linear_cross_entropy` (whose ``reduction="none"`` loss is ``-log_prob``).
+    """
+    if process_group is not None or _is_dtensor(input, weight, target, bias):
+        raise NotImplementedError(
+            "linear_log_probs does not run vocab-parallel yet (process_group or DTensor "
+            "inputs): gather the weight's vocabulary shards (weight.full_tensor() for a DTensor) "
+            "and call it with plain tensors, or use linear_cross_entropy(..., reduction='none', "
+            "process_group=group), whose loss is -log p(target) at temperature 1."
+        )
+    _checks.check_chunk_size(chunk_size)
+    _checks.check_temperature(temperature)
+    _checks.check_floating_input(input)
+    out_dtype = _autocast.loss_dtype(input)
+    input, weight, bias = _autocast.lower(input, weight, bias)
+    _checks.check_linear(input, weight, target, bias)
+    hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
+    _checks.check_target_range(labels, weight.shape[0], ignore_index)
+    # No Triton kernel is written for this function: the chunked one runs on every device.
+    name = resolve_backend(backend or "chunked", "linear_log_probs", input.device)
+    if name == "triton":
+        raise NotImplementedError(
+            "linear_log_probs has no Triton kernel yet: use backend='chunked' (the default, "
+            "torch ops on any device) or backend='reference'."
+        )
+    if name == "reference":
+        logits = F.linear(hidden, weight, bias)
+        log_prob, entropy = reference.token_log_probs(logits, labels, temperature, ignore_index)
+    else:
+        from xentkit.kernels import linear_log_probs as fused
+
+        options = (temperature, ignore_index, return_entropy, chunk_size)
+        log_prob, entropy = fused.linear_log_probs(hidden, weight, labels, bias, *options)
+    log_prob = log_prob.reshape(target.shape).to(out_dtype)
+    if not return_entropy:
+        return log_prob
+    return log_prob, entropy.reshape(target.shape).to(out_dtype)

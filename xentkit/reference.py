@@ -349,3 +349,56 @@ def binary_cross_entropy_with_logits(
     See :func:`binary_cross_entropy_with_logits_terms`."""
     loss = binary_cross_entropy_with_logits_terms(logits, target, weight, pos_weight)
     return reduce(loss, reduction)
+
+
+# Below this log-probability every dtype's exp is exactly 0 (float64's smallest positive number
+# is e^-744.4), so flooring log p here changes no p log p; it only turns a masked class's
+# 0 * log 0 = 0 * -inf = NaN into 0 (and keeps its gradient finite).
+LOG_PROB_FLOOR = -1e4
+
+
+class TokenLogProbs(NamedTuple):
+    """Per-row log-probability of the target and entropy (both 0 where ignored)."""
+
+    log_prob: Tensor  # (M,) log p of the target
+    entropy: Tensor  # (M,) entropy of the row's distribution
+
+
+def token_log_probs(
+    logits: Tensor, target: Tensor, temperature: float = 1.0, ignore_index: int = -100
+) -> TokenLogProbs:
+    r"""The target's log-probability and the entropy of each row, at ``temperature``: what RL
+    fine-tuning (PPO, GRPO) takes from the LM head.
+
+    With :math:`s = x / T`, :math:`\mathrm{lse} = \log \sum_j e^{s_j}` and
+    :math:`p = \mathrm{softmax}(s)`:
+
+    .. math:: \log p_t = s_t - \mathrm{lse}, \qquad
+              H = -\sum_j p_j \log p_j = \mathrm{lse} - \sum_j p_j s_j
+
+    (a class with :math:`p_j = 0`, such as a masked ``-inf`` logit, adds :math:`0 \log 0 = 0`).
+    Their gradients, which autograd derives here and the fused kernels write out, are
+
+    .. math:: \frac{\partial \log p_t}{\partial s_j} = [j = t] - p_j, \qquad
+              \frac{\partial H}{\partial s_j} = -p_j (\log p_j + H)
+              = -p_j \Big(s_j - \sum_k p_k s_k\Big), \qquad
+              \frac{\partial}{\partial x} = \frac{1}{T} \frac{\partial}{\partial s}
+
+    Args:
+        logits: ``(M, C)`` logits.
+        target: ``(M,)`` class indices in ``[0, C)`` or ``ignore_index``.
+        temperature: :math:`T > 0`.
+    Returns:
+        :class:`TokenLogProbs` of ``(M,)`` tensors in float32 (float64 for float64 logits).
+
+    Example:
+        >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> token_log_probs(logits, torch.tensor([2, -100]), temperature=2.0)
+        TokenLogProbs(log_prob=tensor([-0.7318,  0.0000]), entropy=tensor([1.0481, 0.0000]))
+    """
+    dtype = accumulation_dtype(logits.dtype)
+    log_probs = log_softmax(logits.to(dtype) / temperature)
+    counted, log_prob, _, _ = nll_terms(log_probs, target, None, ignore_index)
+    p_log_p = torch.exp(log_probs) * log_probs.clamp_min(LOG_PROB_FLOOR)
+    entropy = torch.where(counted, -p_log_p.sum(-1), 0.0)
+    return TokenLogProbs(log_prob, entropy)
