@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +293,12 @@ def test_memory_does_not_grow_with_tokens():
     # The measurement sees the unfused logits; the fused step adds only O(M D) for grad_input.
     assert exact_growth > logits_growth_kib, peaks
     assert fused_growth < logits_growth_kib / 4, peaks
+
+
+def test_readme_block_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Per-token log-probabilities for RL\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["hidden"].grad.abs().sum() > 0
