@@ -295,9 +295,9 @@ def test_no_gradient_computed_without_requires_grad(monkeypatch):
     buffers = []
     run_rows = chunked._run_rows
 
-    def spy(logits, out, *args):
+    def spy(rows_fn, logits, out, *args):
         buffers.append(out)
-        return run_rows(logits, out, *args)
+        return run_rows(rows_fn, logits, out, *args)
 
     monkeypatch.setattr(chunked, "_run_rows", spy)
     with kernel_mode(False):
@@ -373,7 +373,7 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     logits, target, _ = make_case(torch.Generator().manual_seed(5), 6, 5, torch.float32)
-    monkeypatch.setattr(chunked, "_compiled", broken)
+    monkeypatch.setattr(chunked, "_compiled", {chunked._fused_rows: broken})
     with kernel_mode(True), pytest.warns(RuntimeWarning, match="using the eager kernel"):
         ce, _, grad = chunked.loss_and_grad(logits, target, None, -100, 0.0, 0.0, None, 1.0)
         assert not chunked.compile_enabled()

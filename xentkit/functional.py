@@ -44,22 +44,30 @@ def _triton_installed() -> bool:
 
 
 def resolve_backend(
-    backend: str | None, function: str, device: torch.device, weight: Tensor | None = None
+    backend: str | None,
+    function: str,
+    device: torch.device,
+    weight: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> str:
     """The backend to run: ``backend`` when given, else the default for ``device`` (where
-    that is ``"triton"`` and Triton is not installed, ``"chunked"``). A class ``weight`` that
-    needs a gradient always runs the reference: the fused kernels differentiate the logits only.
+    that is ``"triton"`` and Triton is not installed, ``"chunked"``). A class ``weight`` or a
+    probability ``target`` that needs a gradient always runs the reference: the fused kernels
+    differentiate the logits only. Probability targets have no Triton kernel: ``"triton"``
+    runs them on the chunked kernel (torch ops, on any device).
     """
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        return "reference"
-    if backend is None:
-        name = DEFAULT_BACKENDS.get((function, device.type), "reference")
-        return "chunked" if name == "triton" and not _triton_installed() else name
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(
             f"backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {backend!r}."
         )
-    return backend
+    differentiated = any(t is not None and t.requires_grad for t in (weight, target))
+    if differentiated and torch.is_grad_enabled():
+        return "reference"
+    name = backend or DEFAULT_BACKENDS.get((function, device.type), "reference")
+    soft = target is not None and target.is_floating_point()
+    if name == "triton" and (soft or (backend is None and not _triton_installed())):
+        return "chunked"
+    return name
 
 
 def kernel(backend: str, function: str) -> Callable[..., Tensor]:
@@ -252,8 +260,9 @@ def cross_entropy(
         target = target.long()
     rows = to_rows(input, target, cdim)
     options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    name = resolve_backend(backend, "cross_entropy", input.device, weight)
-    if name == "reference" or rows.target.is_floating_point():
+    name = resolve_backend(backend, "cross_entropy", input.device, weight, rows.target)
+    # No classes: nothing for a fused kernel to do (index targets: every one is ignored).
+    if name == "reference" or (rows.target.is_floating_point() and not rows.input.shape[-1]):
         loss = reference.cross_entropy(rows.input, rows.target, *options)
     else:
         loss = kernel(name, "cross_entropy")(rows.input, rows.target, *options, inplace_backward)

@@ -43,7 +43,8 @@ EAGER_CHUNK_ELEMENTS = 1 << 19
 COMPILE_MIN_ELEMENTS = 1 << 20
 
 _compile_enabled = os.environ.get("XENTKIT_NO_COMPILE", "") in ("", "0")
-_compiled = None
+# The compiled form of each row function (index targets, probability targets), made on first use.
+_compiled: dict = {}
 
 
 def set_compile(enabled: bool) -> None:
@@ -62,8 +63,7 @@ def reset_compiled() -> None:
     """Forget the compiled kernel, so that the next call compiles again (what the benchmarks
     time as the first call). Compiled code lives in torch's dynamo cache, which this resets
     for every function."""
-    global _compiled
-    _compiled = None
+    _compiled.clear()
     torch._dynamo.reset()
 
 
@@ -164,6 +164,59 @@ def _fused_rows(
     return row_max.squeeze(1), sum_exp.squeeze(1), smooth_sum
 
 
+def _soft_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    softcap: Tensor | None,
+    a_coef: Tensor | None,
+    z_coef: Tensor | None,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The row passes over ``(m, V)`` logits with probability targets ``(m, V)``.
+
+    With :math:`x'` and the shift :math:`s_i` as in :func:`_fused_rows`, smoothed targets
+    :math:`y' = (1-\varepsilon) y + \varepsilon / V` and :math:`u = w y'` (:math:`y'`
+    without weights), it returns :math:`\max_j x'_{ij}`, :math:`S_i = \sum_j e^{x'_{ij} - s_i}`,
+    :math:`U_i = \sum_j u_{ij}` and :math:`\sum_j u_{ij} (x'_{ij} - s_i)`, and writes
+
+    .. math:: g_{ij} = \frac{e^{x'_{ij} - s_i}}{S_i}\,(A_i U_i + Z_i\,\mathrm{lse}_i)
+              - A_i u_{ij}
+
+    (times :math:`1 - \tanh^2(x_{ij}/c)` with a softcap): the gradient of
+    :math:`A_i \sum_j u_{ij}(\mathrm{lse}_i - x'_{ij}) + Z_i \mathrm{lse}_i^2 / 2`, the terms
+    of :func:`xentkit.reference.cross_entropy_terms` for probability targets.
+    """
+    acc = reference.accumulation_dtype(logits.dtype)
+    x = logits.to(acc)
+
+    def capped() -> Tensor:  # recomputed per pass, as in _fused_rows
+        return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+    row_max = capped().amax(-1, keepdim=True)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    y = target.to(acc)
+    if label_smoothing:
+        y = y * (1 - label_smoothing) + label_smoothing / x.shape[-1]
+    u = y if weight is None else y * weight
+    u_sum = u.sum(-1)
+    ux_sum = (u * (capped() - shift)).sum(-1)
+    exps = (capped() - shift).exp_()
+    sum_exp = exps.sum(-1, keepdim=True)
+    if out is not None:
+        coef = a_coef.unsqueeze(1) * u_sum.unsqueeze(1)
+        if z_coef is not None:
+            lse = shift + torch.log(sum_exp.expand_as(exps))  # kept in the row loop, as above
+            coef = coef + z_coef.unsqueeze(1) * lse
+        grad = exps.mul_(coef / sum_exp).sub_(a_coef.unsqueeze(1) * u)
+        if softcap is not None:
+            tanh = torch.tanh(x / softcap)
+            grad.mul_(1 - tanh * tanh)
+        out.copy_(grad)
+    return row_max.squeeze(1), sum_exp.squeeze(1), u_sum, ux_sum
+
+
 def _row_coefficients(
     counted: Tensor,
     w_t: Tensor,
@@ -195,23 +248,24 @@ def _row_coefficients(
     return p_coef, t_coef, s_coef, z_coef
 
 
-def _run_rows(logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`_fused_rows` over all rows: compiled in one call, or eagerly chunk by chunk."""
-    global _compiled, _compile_enabled
+def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor | None, ...]:
+    """``rows_fn`` (:func:`_fused_rows` or :func:`_soft_rows`) over all rows: compiled in one
+    call, or eagerly chunk by chunk."""
+    global _compile_enabled
     m, num_classes = logits.shape
     # torch.compile specialises sizes 0 and 1 even with dynamic shapes: one row or one class
     # stays eager rather than cost a compilation of its own.
     if _compile_enabled and m > 1 and num_classes > 1 and m * num_classes >= COMPILE_MIN_ELEMENTS:
-        if _compiled is None:
-            _compiled = torch.compile(_fused_rows, dynamic=True)
+        if rows_fn not in _compiled:
+            _compiled[rows_fn] = torch.compile(rows_fn, dynamic=True)
         # In place, `out` is the logits: a detached alias keeps the two arguments distinct
         # objects without autograd state, as inductor needs. Each row is read before its
         # gradient is written over it.
         dest = None if out is None else out.detach()
         try:
-            return _compiled(logits, *args, dest)
+            return _compiled[rows_fn](logits, *args, dest)
         except Exception as error:  # no C++ compiler, or an unsupported platform
-            result = _eager_rows(logits, out, *args)  # raises when the input is at fault
+            result = _eager_rows(rows_fn, logits, out, *args)  # raises when the input is at fault
             _compile_enabled = False
             warnings.warn(
                 f"xentkit: compiling the fused cross-entropy kernel failed ({error!r:.200}); "
@@ -220,13 +274,16 @@ def _run_rows(logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor, Tensor
                 stacklevel=2,
             )
             return result
-    return _eager_rows(logits, out, *args)
+    return _eager_rows(rows_fn, logits, out, *args)
 
 
-def _eager_rows(logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`_fused_rows` over chunks of rows sized to stay in cache."""
-    target, weight, smooth, softcap, *coefs = args
+def _eager_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor | None, ...]:
+    """``rows_fn`` over chunks of rows sized to stay in cache; ``args`` are the target (sliced
+    with the rows), the class weight, an option, the softcap and per-row coefficients."""
+    target, weight, option, softcap, *coefs = args
     m, num_classes = logits.shape
+    if m == 0:
+        return rows_fn(logits, *args, out)
     rows = max(1, EAGER_CHUNK_ELEMENTS // max(num_classes, 1))
     parts = []
     for start in range(0, m, rows):
@@ -234,13 +291,9 @@ def _eager_rows(logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor, Tens
         chunk_coefs = [None if c is None else c[chunk] for c in coefs]
         dest = None if out is None else out[chunk]
         parts.append(
-            _fused_rows(logits[chunk], target[chunk], weight, smooth, softcap, *chunk_coefs, dest)
+            rows_fn(logits[chunk], target[chunk], weight, option, softcap, *chunk_coefs, dest)
         )
-    if not parts:
-        empty = logits.new_empty(0, dtype=reference.accumulation_dtype(logits.dtype))
-        return empty, empty, empty if smooth else None
-    row_max, sum_exp, smooth_sum = zip(*parts, strict=True)
-    return torch.cat(row_max), torch.cat(sum_exp), torch.cat(smooth_sum) if smooth else None
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))
 
 
 def loss_and_grad(
@@ -325,7 +378,7 @@ def loss_and_grad(
         source = source.contiguous()
     with torch.no_grad():
         row_max, sum_exp, smooth_sum = _run_rows(
-            source, dest, safe_target, w if eps else None, bool(eps), cap, *coefs
+            _fused_rows, source, dest, safe_target, w if eps else None, bool(eps), cap, *coefs
         )
 
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)
@@ -337,6 +390,63 @@ def loss_and_grad(
         ce = (1 - eps) * ce + eps * smooth
     lse = shift + log_sum
     z = torch.where(counted, z_loss * lse * lse, 0.0) if z_loss else torch.zeros_like(lse)
+    return ce, z, dest
+
+
+def soft_loss_and_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    ce_scale: float | Tensor | None,
+    z_scale: float | Tensor = 1.0,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""Per-row cross entropy and z-loss of logits with probability targets, and their scaled
+    gradient, in one pass over the logits and the targets (:func:`_soft_rows`).
+
+    With :math:`u = w\,((1-\varepsilon) y + \varepsilon / V)`:
+    :math:`\mathrm{ce}_i = \sum_j u_{ij} (\mathrm{lse}_i - x'_{ij})` and
+    :math:`z_i = z\,\mathrm{lse}_i^2` (:func:`xentkit.reference.cross_entropy_terms`); the
+    gradient is that of :math:`\sum_i a\,\mathrm{ce}_i + b\,z_i` (``ce_scale``, ``z_scale``),
+    none when ``ce_scale`` is None.
+
+    Example:
+        >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> probs = torch.tensor([[0.0, 0.0, 1.0], [0.2, 0.8, 0.0]])
+        >>> ce, z, grad = soft_loss_and_grad(logits, probs, None, 0.0, 0.0, None, ce_scale=0.5)
+        >>> ce
+        tensor([0.4644, 0.6967])
+        >>> grad
+        tensor([[ 0.1156,  0.0701, -0.1857],
+                [-0.0663,  0.0107,  0.0556]])
+    """
+    acc = reference.accumulation_dtype(logits.dtype)
+    num_rows = logits.shape[0]
+    cap = None if softcap is None else torch.tensor(softcap, dtype=acc, device=logits.device)
+    w = None if weight is None else weight.to(acc)
+    a_coef = z_coef = dest = None
+    if ce_scale is not None:
+        a_coef = torch.as_tensor(ce_scale, dtype=acc, device=logits.device).expand(num_rows)
+        if z_loss:
+            b = torch.as_tensor(z_scale, dtype=acc, device=logits.device)
+            z_coef = (2 * z_loss * b).expand(num_rows)
+        dest = _gradient_buffer(logits) if out is None else out
+    source, target = logits.detach(), target.detach()
+    source = source if source.is_contiguous() else source.contiguous()
+    target = target if target.is_contiguous() else target.contiguous()
+    with torch.no_grad():
+        row_max, sum_exp, u_sum, ux_sum = _run_rows(
+            _soft_rows, source, dest, target, w, label_smoothing, cap, a_coef, z_coef
+        )
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    log_sum = sum_exp.log()
+    # sum_j u_j (lse - x'_j) as U log S - sum_j u_j (x'_j - shift): no large common shift.
+    ce = u_sum * log_sum - ux_sum
+    lse = shift + log_sum
+    z = z_loss * lse * lse if z_loss else torch.zeros_like(lse)
     return ce, z, dest
 
 
@@ -355,6 +465,15 @@ def _forward(
     """The reduced loss of :func:`cross_entropy` and the gradient of that loss (before
     ``grad_output``) when ``compute_grad``, written into ``out`` (allocated when None)."""
     acc = reference.accumulation_dtype(logits.dtype)
+    if target.is_floating_point():  # probability targets: every row counts
+        scale = 1 / logits.shape[0] if reduction == "mean" and logits.shape[0] else 1.0
+        options = (label_smoothing, z_loss, softcap, scale if compute_grad else None, scale, out)
+        ce, z, grad = soft_loss_and_grad(logits, target, weight, *options)
+        loss = ce + z if z_loss else ce
+        if reduction == "none":
+            return loss, grad
+        # A mean over no row is 0 / 0 = NaN, as in PyTorch.
+        return (loss.sum() if reduction == "sum" else loss.sum() / logits.shape[0]), grad
     ce_scale = z_scale = 1.0
     if reduction == "mean":
         # The denominators of reference.reduce_cross_entropy: sum of the counted rows'
@@ -393,7 +512,8 @@ def cross_entropy(
     softcap: float | None,
     inplace_backward: bool = False,
 ) -> Tensor:
-    r"""Cross entropy of index targets with the gradient computed in the forward pass.
+    r"""Cross entropy of index (or probability) targets with the gradient computed in the
+    forward pass.
 
     Values and gradients are those of :func:`xentkit.reference.cross_entropy` (see
     :func:`loss_and_grad` for the per-row terms and their gradient); the backward pass only
@@ -406,7 +526,8 @@ def cross_entropy(
     Args:
         logits: ``(M, C)`` rows of logits, any floating dtype (accumulated in float32,
             float64 for float64).
-        target: ``(M,)`` int64 class ids or ``ignore_index``.
+        target: ``(M,)`` int64 class ids or ``ignore_index``, or ``(M, C)`` class
+            probabilities (:func:`soft_loss_and_grad`; no gradient flows into them).
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`xentkit.cross_entropy` (already validated).
         inplace_backward: write the gradient over ``logits`` instead of a new ``(M, C)``
