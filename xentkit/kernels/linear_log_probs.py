@@ -34,16 +34,11 @@ from xentkit import reference
 from xentkit.kernels.linear_chunked import Problem, backward_over_chunks
 
 
-def _log_softmax(logits: Tensor, lse: Tensor | None, temperature: float) -> tuple[Tensor, Tensor]:
-    """``(log p, lse)`` of a chunk of logits at ``temperature``, in the accumulation dtype and
-    written over ``logits`` when they are already in it (the buffer is scratch); ``lse`` is
-    computed unless given (the backward has the forward's)."""
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """``s = logits / T`` in the accumulation dtype, written over ``logits`` when they are
+    already in it (the chunk buffer is scratch)."""
     s = logits.to(reference.accumulation_dtype(logits.dtype))
-    if temperature != 1.0:
-        s.div_(temperature)
-    if lse is None:
-        lse = torch.logsumexp(s, -1)
-    return s.sub_(lse.unsqueeze(1)), lse
+    return s if temperature == 1.0 else s.mul_(1 / temperature)
 
 
 def _entropy(log_probs: Tensor) -> Tensor:
@@ -63,10 +58,11 @@ def _forward(
     entropy = zeros.clone() if return_entropy else zeros.new_empty(0)
     buffer = problem.buffer()
     for where, hidden, target in problem.chunks():
-        log_probs, lse[where] = _log_softmax(problem.logits(hidden, buffer), None, temperature)
-        log_prob[where] = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        s = _scaled(problem.logits(hidden, buffer), temperature)
+        lse[where] = chunk_lse = torch.logsumexp(s, -1)
+        log_prob[where] = s.gather(1, target.unsqueeze(1)).squeeze(1) - chunk_lse
         if return_entropy:
-            entropy[where] = _entropy(log_probs)
+            entropy[where] = _entropy(s.sub_(chunk_lse.unsqueeze(1)))
     return log_prob, entropy, lse
 
 
@@ -80,22 +76,23 @@ def _backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_i a_i log p_{t_i} + b_i H_i`` (a missing ``a`` or ``b`` is 0)."""
-    acc = problem.acc
-    a = torch.zeros_like(lse) if grad_log_prob is None else grad_log_prob.to(acc)
-    b = None if grad_entropy is None else grad_entropy.to(acc)
+    # a / T and b / T: the 1 / T of ds/dz folded into the per-row scales.
+    a = torch.zeros_like(lse) if grad_log_prob is None else grad_log_prob.to(problem.acc)
+    a = a / temperature
+    b = None if grad_entropy is None else grad_entropy.to(problem.acc) / temperature
 
     def chunk_grad(where: slice | Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        log_probs, _ = _log_softmax(logits, lse[where], temperature)
+        log_probs = _scaled(logits, temperature).sub_(lse[where].unsqueeze(1))
         a_rows = a[where].unsqueeze(1)
         if b is None:
-            grad = log_probs.exp_().mul_(a_rows)  # a p
+            grad = log_probs.exp_().mul_(-a_rows)  # -a p / T
         else:
+            # -(p / T)(a + b (log p + H)), log p floored as in the forward's entropy.
+            b_rows = b[where].unsqueeze(1)
             p = torch.exp(log_probs)
-            # b p (log p + H), with log p floored as in the forward's entropy, then + a p.
-            grad = log_probs.clamp_min_(reference.LOG_PROB_FLOOR)
-            grad.add_(entropy[where].unsqueeze(1)).mul_(p).mul_(b[where].unsqueeze(1))
-            grad.add_(p.mul_(a_rows))
-        grad.mul_(-1 / temperature).scatter_add_(1, target.unsqueeze(1), a_rows / temperature)
+            grad = log_probs.clamp_min_(reference.LOG_PROB_FLOOR).mul_(-b_rows)
+            grad.sub_(a_rows + b_rows * entropy[where].unsqueeze(1)).mul_(p)
+        grad.scatter_add_(1, target.unsqueeze(1), a_rows)  # + a / T at the target
         # The matrix products take the gradient in the input dtype.
         return grad if grad.dtype == logits.dtype else logits.copy_(grad)
 
