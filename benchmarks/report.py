@@ -18,7 +18,7 @@ from rich.table import Table
 from benchmarks.harness import split_backend
 from benchmarks.machine import describe
 
-SUITE_ORDER = ("ce", "linear", "scale")
+SUITE_ORDER = ("ce", "linear", "scale", "explain")
 PEER_LABELS = {
     "torch": "torch eager",
     "torch.compile": "torch.compile",

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 from benchmarks import (  # noqa: E402
     bench_cross_entropy,
+    bench_explain,
     bench_linear_cross_entropy,
     bench_scale,
     harness,
@@ -43,8 +44,16 @@ from xentkit.functional import BACKENDS  # noqa: E402
 
 SUITES: dict[str, Suite] = {
     suite.name: suite
-    for suite in (bench_cross_entropy.SUITE, bench_linear_cross_entropy.SUITE, bench_scale.SUITE)
+    for suite in (
+        bench_cross_entropy.SUITE,
+        bench_linear_cross_entropy.SUITE,
+        bench_scale.SUITE,
+        bench_explain.SUITE,
+    )
 }
+# What a run without --suite measures: the losses; explain's speed is a suite of its own
+# (--suite explain, or all).
+DEFAULT_SUITES = ["ce", "linear", "scale"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 DEFAULT_REPORT = ROOT / "benchmarks" / "RESULTS.md"
 # --quick checks the harness; its numbers mean nothing, so they never overwrite the real ones.
@@ -111,9 +120,10 @@ def parser() -> argparse.ArgumentParser:
         "cut-cross-entropy and the memory-bandwidth / matrix-product floor: forward + backward "
         "time (median, p20, p80) and peak memory, one process per row.",
         epilog="Suites: ce (plain cross entropy), linear (LM head + loss), scale (a linear "
-        "cross entropy the unfused path cannot fit in 24 GiB). Providers: xentkit, "
+        "cross entropy the unfused path cannot fit in 24 GiB), explain (xentkit.explain of an "
+        "LM batch against one cross-entropy forward; run when named). Providers: xentkit, "
         "xentkit:BACKEND, xentkit-inplace (ce), torch, torch.compile, cce (linear, scale), "
-        "floor (ce, linear).",
+        "floor (ce, linear); explain: xentkit, torch.",
     )
     p.add_argument(
         "--quick",
@@ -121,7 +131,12 @@ def parser() -> argparse.ArgumentParser:
         help="tiny shapes and 3 repeats, without the compiled peers unless --providers names "
         f"them: checks the harness in seconds; writes to {QUICK_OUT} unless --out is given",
     )
-    p.add_argument("--suite", type=_suites, default=list(SUITES), help="ce, linear, scale or all")
+    p.add_argument(
+        "--suite",
+        type=_suites,
+        default=DEFAULT_SUITES,
+        help=f"comma-separated: {', '.join(SUITES)} or all (default: {','.join(DEFAULT_SUITES)})",
+    )
     p.add_argument(
         "--shapes",
         type=_shapes,

@@ -44,7 +44,8 @@ class Stats:
             reduction weighs it, without label smoothing or z-loss.
         uniform_loss: :math:`\\ln C`, the loss of predicting every class equally likely.
         perplexity: :math:`e^{\\text{loss}}`.
-        accuracy: fraction of counted positions whose most probable class is the target.
+        accuracy: fraction of counted positions whose most probable class is the target (no
+            class scores higher; a tie counts as a hit).
         mean_entropy: mean entropy of the predicted distribution over counted positions (nats;
             :math:`\\ln C` at most).
         ignored_fraction: fraction of positions whose target is ``ignore_index``.

@@ -33,7 +33,7 @@ class Batch(NamedTuple):
 
     entropy: Tensor  # of the predicted distribution
     rank: Tensor  # classes scoring strictly higher than the target
-    hit: Tensor  # bool: the most probable class is the target
+    hit: Tensor  # bool: no class scores higher than the target (argmax = target, ties hit)
 
 
 def _per_row(
@@ -68,11 +68,16 @@ def _per_row(
 
 def _batch_part(logits: Tensor, log_probs: Tensor, target: Tensor) -> Batch:
     p = log_probs.exp()
-    # 0 * log 0 is 0 in an entropy, not the NaN that 0 * -inf gives
-    entropy = -torch.where(p > 0, p * log_probs, 0.0).sum(-1)
+    # H = -Σ p log p as one dot product per row (a batched matrix product reads each operand
+    # once); a row with a -inf log-probability (a masked class) makes 0 * -inf = NaN there,
+    # so those rows are redone with entr, which takes 0 log 0 as 0 (and keeps a NaN row NaN).
+    entropy = -(p[:, None, :] @ log_probs[:, :, None]).flatten()
+    redo = entropy.isnan().nonzero().flatten()
+    if redo.numel():
+        entropy[redo] = torch.special.entr(p[redo]).sum(-1)
     picked = logits.gather(1, target.clamp(0, logits.shape[1] - 1)[:, None])
     rank = (logits > picked).sum(-1)
-    return Batch(entropy, rank, logits.argmax(-1) == target)
+    return Batch(entropy, rank, rank == 0)
 
 
 def _stats(counted: Tensor, nll: Tensor, denominator: Tensor, batch: Batch, classes: int) -> Stats:
