@@ -423,7 +423,6 @@ def _linear_cross_entropy(
     _checks.check_reduction(reduction)
     _checks.check_options(label_smoothing, z_loss, softcap)
     _checks.check_chunk_size(chunk_size)
-    _checks.check_floating_input(input)
     input, weight, bias = _autocast.lower(input, weight, bias)
     (class_weight,) = _autocast.float32("cross_entropy", class_weight)
     _checks.check_linear(input, weight, target, bias)
