@@ -4,6 +4,7 @@ Examples::
 
     xentkit explain "[[1, 0.5, 2], [0.5, 3, 1]]" "[2, 1]"
     xentkit explain logits.pt targets.npy --loss ce --dim -1 --format json
+    xentkit explain logits.pt targets.pt --grad --format html --plot loss.png
     xentkit check --seed 0 --cases 300
     xentkit bench --help
 
@@ -118,7 +119,25 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(DTYPES),
         help="dtype of LOGITS (literals default to float32, files keep theirs)",
     )
-    explain.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    explain.add_argument(
+        "--format",
+        choices=["text", "markdown", "html", "json"],
+        default="text",
+        help="text (a table; rich on a terminal), markdown, html (a styled table, no "
+        "JavaScript) or json",
+    )
+    explain.add_argument(
+        "--grad",
+        action="store_true",
+        help="add each shown position's gradient with respect to its input, and why",
+    )
+    explain.add_argument(
+        "--plot",
+        metavar="PNG",
+        type=Path,
+        help="also draw the explanation into this image (needs matplotlib: "
+        "pip install 'xentkit[plot]')",
+    )
     explain.add_argument("--max-rows", type=int, default=8, help="positions shown (default 8)")
     explain.add_argument(
         "--max-classes", type=int, default=8, help="classes shown per vector (default 8)"
@@ -189,12 +208,21 @@ def _explain(args: argparse.Namespace) -> int:
         class_dim=args.dim,
         max_rows=args.max_rows,
         max_classes=args.max_classes,
+        grad=args.grad,
         **options,
     )
+    if args.plot is not None:
+        try:
+            figure = explanation.plot()
+        except ImportError as error:
+            raise UsageError(str(error)) from error
+        figure.savefig(args.plot, dpi=110)
     if args.format == "json":
         print(json.dumps(explanation.to_dict(), indent=2, ensure_ascii=False))
     elif args.format == "markdown":
         print(explanation.to_markdown())
+    elif args.format == "html":
+        print(explanation.to_html())
     elif sys.stdout.isatty():
         from rich.console import Console
 
