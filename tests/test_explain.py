@@ -2,6 +2,8 @@
 mistakes they name and stay quiet on clean data, and every output format renders."""
 
 import json
+import math
+import sys
 
 import pytest
 import torch
@@ -26,10 +28,13 @@ def _check_adds_up(e: Explanation, expected: torch.Tensor) -> None:
     """The value is the library's, the terms reproduce it, the loss column is per position."""
     assert torch.equal(e.value, expected) or (e.value.isnan().all() and expected.isnan().all())
     assert _close(e.computed.to(e.value.dtype), e.value)
-    assert not e.warnings, e.warnings
+    # random data is healthy, but one class or nothing counted are findings of their own
+    expected = {"single-class": e.classes == 1}
+    expected["all-ignored"] = e.stats is not None and e.stats.counted == 0
+    assert all(expected.get(kind) for kind in e.kinds), e.warnings
     if e.reduction == "none":
         shown = torch.tensor([r["loss"] for r in e.rows], dtype=torch.float64)
-        assert _close(shown, e.value.flatten()[: len(e.rows)].double())
+        assert _close(shown, e.value.flatten()[e.shown].double())
     text = e.to_text()
     assert "value: " in text and "reduction: " in text
 
@@ -172,14 +177,23 @@ def test_positions_are_labelled_by_index():
     assert explain(torch.rand(2, 3), torch.rand(2, 3), "bce").rows[4]["position"] == "n=1, c=1"
 
 
-def test_large_inputs_are_elided():
-    logits, target = torch.randn(100, 50), torch.randint(0, 50, (100,))
+def test_large_inputs_show_the_worst_positions_and_the_top_classes():
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(100, 50, generator=g), torch.randint(0, 50, (100,), generator=g)
     e = explain(logits, target, max_rows=5, max_classes=4)
     text = e.to_text()
-    assert len(e.rows) == 5 and e.positions == 100
-    assert "95 more positions not shown" in text and "first 4 of 50 classes" in text
-    assert "… +46]" in text
+    assert len(e.rows) == 5 and e.positions == 100 and e.order == "worst"
+    assert "the 5 positions with the highest loss of 100" in text
+    assert "4 most probable of 50 classes" in text and "… +46 | target" in text
     assert e.value == xentkit.cross_entropy(logits, target)
+    losses = F.cross_entropy(logits, target, reduction="none")
+    assert e.shown == losses.argsort(descending=True)[:5].tolist()
+    assert [r["position"] for r in e.rows] == [f"n={i}" for i in e.shown]
+    cell = e.rows[0]["softmax"]  # the 4 most probable classes, then the target and its rank
+    probs = logits[e.shown[0]].softmax(0)
+    assert cell.classes == probs.topk(4).indices.tolist() and cell.target == target[e.shown[0]]
+    assert cell.target_rank == int((probs > probs[cell.target]).sum())
+    assert cell.target_value == pytest.approx(float(probs[cell.target]), rel=1e-5)
 
 
 def test_class_dim_moves_the_classes_and_says_so():
@@ -310,12 +324,14 @@ def test_markdown_dict_and_repr():
     e = explain(LOGITS.softmax(1), TARGET, weight=torch.tensor([1.0, 2.0, 3.0]))
     md = e.to_markdown()
     assert "| position | logits | max | logsumexp | softmax | target |" in md
-    assert "| --- |" in md and "**Warnings**" in md and "weight=[1.0000 2.0000 3.0000]" in md
+    assert "| --- |" in md and "**Findings**" in md and "weight=[1.0000 2.0000 3.0000]" in md
     d = json.loads(json.dumps(e.to_dict(), allow_nan=False))
     assert d["loss"] == "cross_entropy" and d["value"] == pytest.approx(float(e.value))
     assert d["reduction"]["denominator"] == pytest.approx(3.0 + 2.0)
     assert d["rows"][0]["target"] == 2 and len(d["warnings"]) == 1
-    assert repr(e).startswith("<Explanation cross_entropy = ") and "1 warning)" in repr(e)
+    assert d["findings"][0]["kind"] == "probabilities-as-logits"
+    assert d["stats"]["accuracy"] == pytest.approx(float(e.stats.accuracy))
+    assert repr(e).startswith("<Explanation cross_entropy = ") and "1 finding)" in repr(e)
     nan = explain(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]), reduction="none")
     assert json.loads(json.dumps(nan.to_dict(), allow_nan=False))["value"] == ["nan"]
 
@@ -348,3 +364,211 @@ def test_bad_arguments_name_the_fix():
         explain(LOGITS.sigmoid(), LOGITS.sigmoid(), "bce", class_dim=0)
     with pytest.raises(ValueError, match="max_rows"):
         explain(LOGITS, TARGET, max_classes=0)
+
+
+# --- findings: each kind fires on its mistake, names its evidence, and stays quiet otherwise --
+
+G = torch.Generator().manual_seed(7)
+SEQ = torch.randn(4, 5, 6, generator=G)  # (N, C, T) sequence logits
+SEQ_TARGET = torch.randint(0, 5, (4, 6), generator=G)
+PADDED = SEQ_TARGET.clone()
+for n, length in enumerate([6, 4, 3, 2]):  # sequences of 6, 4, 3 and 2 tokens, padded with 0
+    PADDED[n, length:] = 0
+    PADDED[n, :length] = PADDED[n, :length].clamp(min=1)
+BIG = torch.randn(64, 10, generator=G)
+BIG_TARGET = torch.randint(0, 10, (64,), generator=G)
+MULTI_HOT = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def _kinds(call):
+    """The finding kinds of an explain call, whether it returns or raises."""
+    try:
+        return call().kinds
+    except Exception as error:
+        assert all(f.message in str(error) for f in error.findings)
+        return [f.kind for f in error.findings]
+
+
+MISTAKES = {
+    "probabilities-as-logits": lambda: explain(LOGITS.softmax(1), TARGET),
+    "probabilities-as-logits (bce)": lambda: explain(
+        BIG.sigmoid(), BIG.gt(0).float(), "bce-logits"
+    ),
+    "softmax-wrong-dim": lambda: explain(SEQ.softmax(2), SEQ_TARGET),
+    "softmax-wrong-dim (nll)": lambda: explain(SEQ.log_softmax(0), SEQ_TARGET, "nll"),
+    "probabilities-as-log-probabilities": lambda: explain(LOGITS.softmax(1), TARGET, "nll"),
+    "log-probabilities-as-logits": lambda: explain(LOGITS.log_softmax(1), TARGET),
+    "logits-as-log-probabilities": lambda: explain(LOGITS, TARGET, "nll"),
+    "logits-as-probabilities": lambda: explain(BIG, BIG.gt(0).float(), "bce"),
+    "multi-hot-target": lambda: explain(LOGITS, MULTI_HOT),
+    "single-class": lambda: explain(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)),
+    "float-index-targets": lambda: explain(LOGITS, TARGET.float()),
+    "one-hot-target": lambda: explain(LOGITS, F.one_hot(TARGET, 3).float()),
+    "one-based-labels": lambda: explain(torch.randn(4, 5), torch.tensor([1, 2, 5, 3])),
+    "transposed-classes": lambda: explain(torch.randn(5, 4), torch.randint(0, 5, (4,))),
+    "padding-not-ignored": lambda: explain(SEQ, PADDED),
+    "overconfident-logits": lambda: explain(BIG * 30, BIG_TARGET),
+    "collapsed-outputs": lambda: explain(BIG[:1].expand(64, 10), BIG_TARGET),
+    "non-finite-input": lambda: explain(torch.tensor([[1.0, float("nan"), 0.0]]), TARGET[:1]),
+    "all-ignored": lambda: explain(LOGITS, torch.tensor([-100, -100])),
+    "binary-target-out-of-range": lambda: explain(BIG, BIG.sign(), "bce-logits"),
+}
+
+HEALTHY = {
+    "random logits, scale 0.01": lambda: explain(BIG * 0.01, BIG_TARGET),
+    "random logits, scale 1": lambda: explain(BIG, BIG_TARGET),
+    "random logits, scale 3": lambda: explain(BIG * 3, BIG_TARGET),
+    "LM-sized random logits": lambda: explain(torch.randn(64, 2000, generator=G) * 2,
+                                              torch.randint(0, 2000, (64,), generator=G)),
+    "trained-like logits": lambda: explain(BIG + 6 * F.one_hot(BIG_TARGET, 10), BIG_TARGET),
+    "zero-initialised head": lambda: explain(torch.zeros(64, 10), BIG_TARGET),
+    "sequence logits": lambda: explain(SEQ, SEQ_TARGET),
+    "soft targets": lambda: explain(LOGITS, LOGITS.flip(0).softmax(1)),
+    "smoothing with weights": lambda: explain(BIG, BIG_TARGET, label_smoothing=0.1,
+                                              weight=torch.rand(10, generator=G) + 0.5),
+    "masked padding": lambda: explain(SEQ, PADDED.masked_fill(PADDED == 0, -100)),
+    "masked classes (-inf)": lambda: explain(BIG.masked_fill(BIG < -1, float("-inf")),
+                                             BIG.argmax(1)),
+    "log-probabilities to nll": lambda: explain(BIG.log_softmax(1), BIG_TARGET, "nll"),
+    "healthy bce": lambda: explain(BIG.sigmoid(), BIG.gt(0.5).float(), "bce"),
+    "healthy bce-logits": lambda: explain(BIG, BIG.gt(0).float(), "bce-logits"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_each_mistake_is_found(name):
+    kind = name.split(" (")[0]
+    assert kind in _kinds(MISTAKES[name]), name
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_inputs_give_no_finding(name):
+    assert _kinds(HEALTHY[name]) == []
+
+
+def test_every_registered_kind_is_tested_and_documented():
+    from xentkit.explain import DETECTORS
+
+    kinds = {d.kind for d in DETECTORS}
+    assert kinds == {name.split(" (")[0] for name in MISTAKES}
+    for d in DETECTORS:  # the docstring names the mistake and the fix
+        assert "Fix:" in d.find.__doc__, d.kind
+
+
+def test_findings_carry_their_evidence():
+    e = explain(SEQ.softmax(2), SEQ_TARGET)
+    (f,) = e.findings
+    assert f.evidence["dim"] == 2 and f.evidence["max_error"] < 1e-5
+    assert "drop the softmax" in f.message and "over dim 2" in f.message
+    (f,) = explain(SEQ, PADDED).findings
+    assert f.evidence["value"] == 0 and f.evidence["sequences"] == 3
+    assert "ignore_index=0" in f.message
+    (f,) = explain(BIG * 30, BIG_TARGET).findings
+    assert f.evidence["loss"] > 2 * math.log(10) and "initialis" in f.message
+    (f,) = explain(LOGITS, MULTI_HOT).findings
+    assert f.evidence == {"rows": 1, "of": 2, "max_positives": 2}
+    assert "binary_cross_entropy_with_logits" in f.message
+
+
+def test_errors_carry_the_finding_objects():
+    with pytest.raises(RuntimeError) as error:
+        explain(LOGITS, TARGET.float())
+    assert [f.kind for f in error.value.findings] == ["float-index-targets"]
+    assert "[float-index-targets] target holds whole numbers" in str(error.value)
+
+
+# --- stats, gradients, HTML, plot ----------------------------------------------------------
+
+
+def test_stats_of_a_batch():
+    target = BIG_TARGET.clone()
+    target[:16] = -100
+    e = explain(BIG, target)
+    s, counted = e.stats, target != -100
+    log_probs = BIG.log_softmax(1)[counted]
+    kept = target[counted]
+    nll = -log_probs.gather(1, kept[:, None]).squeeze(1)
+    assert s.positions == 64 and s.counted == 48 and s.ignored_fraction == 0.25
+    assert s.loss == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert s.perplexity == pytest.approx(math.exp(s.loss))
+    assert s.uniform_loss == pytest.approx(math.log(10))
+    assert s.accuracy == pytest.approx(float((log_probs.argmax(1) == kept).double().mean()))
+    entropy = -(log_probs.exp() * log_probs).sum(1).mean()
+    assert s.mean_entropy == pytest.approx(float(entropy), rel=1e-5)
+    ranks = (log_probs > log_probs.gather(1, kept[:, None])).sum(1).double()
+    assert s.target_rank["p50"] == pytest.approx(float(ranks.quantile(0.5)))
+    assert s.target_rank["max"] == float(ranks.max())
+    assert "Stats:" in e.to_text() and "perplexity" in e.to_markdown()
+    assert explain(LOGITS.sigmoid(), LOGITS.sigmoid(), "bce").stats is None
+    nll = explain(BIG.log_softmax(1), target, "nll").stats
+    assert nll.loss == pytest.approx(s.loss, rel=1e-5) and nll.accuracy == s.accuracy
+
+
+@pytest.mark.parametrize(
+    "loss, kwargs",
+    [("ce", {}), ("ce", {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0,
+                         "weight": torch.tensor([1.0, 2.0, 0.5])}),
+     ("ce", {"reduction": "sum"}), ("ce-soft", {}), ("nll", {}), ("bce-logits", {}),
+     ("bce", {"reduction": "none"})],
+)  # fmt: skip
+def test_gradients_are_autograds(loss, kwargs):
+    x = torch.randn(12, 3, generator=G, dtype=torch.float64)
+    target, name = torch.randint(0, 3, (12,), generator=G), loss
+    if loss == "ce-soft":
+        target, name = torch.rand(12, 3, generator=G, dtype=torch.float64).softmax(1), "ce"
+    elif loss == "nll":
+        x = x.log_softmax(1)
+    elif loss.startswith("bce"):
+        target = torch.rand(12, 3, generator=G, dtype=torch.float64).round()
+        x = x.sigmoid() if loss == "bce" else x
+    if "weight" in kwargs:
+        kwargs["weight"] = kwargs["weight"].double()
+    e = explain(x, target, name, grad=True, max_rows=4, max_classes=3, **kwargs)
+    leaf = x.clone().requires_grad_(True)
+    getattr(xentkit, LOSSES[name])(leaf, target, **kwargs).sum().backward()
+    expected = leaf.grad.flatten(0, -2) if e.classes else leaf.grad.flatten()
+    got = torch.tensor([r["grad"] for r in e.rows], dtype=torch.float64)
+    torch.testing.assert_close(got, expected[e.shown])
+    assert e.gradient_note and "grad: " in e.to_text()
+
+
+def test_html_is_a_styled_table_without_script():
+    from html.parser import HTMLParser
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    e = explain(LOGITS.softmax(1), TARGET)
+    parser = Tags()
+    parser.feed(e._repr_html_())
+    text = "".join(parser.text)
+    assert "script" not in parser.tags and parser.tags.count("tr") == 3
+    assert parser.tags.count("th") == len(e.columns) and "style" in parser.tags
+    assert "probabilities-as-logits" in text and f"value: {e.value_text()}" in text
+    assert "rgba(" in e.to_html() and "color: inherit" in e.to_html()  # light and dark
+    assert e._repr_markdown_() == e.to_markdown()
+    big = explain(BIG, BIG_TARGET, max_rows=2, max_classes=3).to_html()
+    assert "(rank " in big and "class='target'" not in big.split("<tbody>")[0]
+
+
+def test_plot(monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    small = explain(LOGITS, TARGET).plot()
+    assert len(small.axes) == 2 and "loss 0.4644" in small.axes[0].get_title()
+    colors = [tuple(p.get_facecolor()) for p in small.axes[0].patches]
+    assert colors[2] != colors[0]  # the target's bar stands out
+    large = explain(BIG, BIG_TARGET, max_rows=4).plot()
+    assert len(large.axes) == 2 and "ln C" in large.axes[0].get_legend().get_texts()[0].get_text()
+    assert len(explain(BIG, BIG.gt(0).float(), "bce-logits", max_rows=4).plot().axes) == 1
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install 'xentkit\[plot\]'"):
+        explain(LOGITS, TARGET).plot()
