@@ -17,7 +17,9 @@ saved :math:`\mathrm{lse}` and pushes
 
 .. math:: G_j = \frac{1}{T}\Big(a\,([j = t] - p_j) - b\,p_j(\log p_j + H)\Big)
 
-through the head (three matrix products in all). Nothing of size ``M x V`` is ever built, so
+through the head: three matrix products (the logits again, :math:`G W` and
+:math:`G^\top H`), four with the forward's, the least any path takes that keeps no ``M x V``
+tensor between the two passes. Nothing of size ``M x V`` is ever built, so
 the extra memory is one chunk of logits and its float32 working copies, plus the float32
 weight gradient, whatever ``M`` is. Tokens whose target is ``ignore_index`` are dropped before
 the first matrix product; their outputs and gradients are 0.
@@ -99,7 +101,14 @@ def _backward(
     return backward_over_chunks(problem, needs, chunk_grad)
 
 
-def _problem(hidden, weight, target, bias, ignore_index, chunk_size) -> Problem:
+def _problem(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    chunk_size: int | None,
+) -> Problem:
     """The chunking of one call: no class weight, smoothing, z-loss or softcap here."""
     return Problem(hidden, weight, target, bias, None, ignore_index, 0.0, 0.0, None, chunk_size)
 
