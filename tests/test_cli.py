@@ -182,3 +182,20 @@ def test_not_a_tensor_file(tmp_path, capsys):
     torch.save({"logits": torch.zeros(2)}, tmp_path / "dict.pt")
     assert cli.main(["explain", str(tmp_path / "dict.pt"), "[0]"]) == 2
     assert "holds a dict, not a tensor" in capsys.readouterr().err
+
+
+def test_explain_html_grad_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "loss.png"
+    argv = ["explain", LOGITS, "[2, 1]", "--format", "html", "--grad", "--plot", str(png)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("<div class='xentkit-explain'>") and "<script" not in out
+    assert "<th>grad</th>" in out and "value: 0.3306" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explain_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert cli.main(["explain", LOGITS, "[2, 1]", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'xentkit[plot]'" in capsys.readouterr().err
