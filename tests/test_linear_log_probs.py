@@ -302,3 +302,15 @@ def test_readme_block_runs():
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["hidden"].grad.abs().sum() > 0
+
+
+def test_benchmark_rows_compute_the_same_gradients():
+    from benchmarks import bench_log_probs
+    from benchmarks.harness import Shape
+
+    grads = {}
+    for provider in ("xentkit", "torch"):
+        torch.manual_seed(0)
+        grads[provider] = bench_log_probs.build(provider, Shape(9, 4, 16), torch.float64, "").step()
+    for got, want in zip(grads["xentkit"], grads["torch"], strict=True):
+        torch.testing.assert_close(got, want)
