@@ -6,15 +6,10 @@ is ``F.cross_entropy(F.linear(...))``, which has no z-loss or softcap.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_memory_does_not_grow_with_tokens
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -252,57 +247,13 @@ def test_auto_chunk_size():
     assert bf16 >= linear_chunked.auto_chunk_size(32768, 1024, torch.float32)
 
 
-# Peak resident memory of one forward + backward in a fresh process: /proc/self/clear_refs
-# ("5") resets VmHWM, so the peak minus the resident size just before is what the step added.
-# A fixed mmap threshold makes glibc hand every large block back on free, so one measurement
-# does not inherit another's retained heap.
-_PEAK_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch, xentkit
-    torch.set_num_threads(1)
-    v, d, sizes = int(sys.argv[1]), int(sys.argv[2]), [int(m) for m in sys.argv[3:]]
-
-    def kib(field):
-        with open("/proc/self/status") as status:
-            return int(next(line for line in status if line.startswith(field)).split()[1])
-
-    def step(backend, m):
-        hidden = torch.randn(m, d, requires_grad=True)
-        weight = torch.randn(v, d, requires_grad=True)
-        target = torch.randint(v, (m,))
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        before = kib("VmRSS:")
-        loss = xentkit.linear_cross_entropy(hidden, weight, target, backend=backend, chunk_size=256)
-        loss.backward()
-        return kib("VmHWM:") - before
-
-    peaks = {}
-    for backend in ("chunked", "reference"):
-        step(backend, 300)  # first call: lazy imports and allocator set-up
-        peaks[backend] = [step(backend, m) for m in sizes]
-    print(json.dumps(peaks))
-    """
-)
-
-
 def test_memory_does_not_grow_with_tokens():
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-    except OSError:
-        pytest.skip("needs a writable /proc/self/clear_refs (Linux)")
-    v, d, small, large = 4096, 16, 512, 2048
-    argv = [sys.executable, "-c", _PEAK_SCRIPT, str(v), str(d), str(small), str(large)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-    peaks = json.loads(out)
-    logits_growth_kib = (large - small) * v * 4 // 1024  # one fp32 logits buffer: 24 MiB
-    fused_growth = peaks["chunked"][1] - peaks["chunked"][0]
-    exact_growth = peaks["reference"][1] - peaks["reference"][0]
-    # The measurement sees the unfused logits; the fused step adds only O(M D) for grad_input.
-    assert exact_growth > logits_growth_kib, peaks
-    assert fused_growth < logits_growth_kib / 4, peaks
+    assert_memory_does_not_grow_with_tokens(
+        "    loss = xentkit.linear_cross_entropy(\n"
+        "        hidden, weight, target, backend=backend, chunk_size=256\n"
+        "    )\n"
+        "    loss.backward()"
+    )
 
 
 def test_class_weight_requiring_grad_runs_the_reference():

@@ -4,17 +4,10 @@ expression ``log_softmax(F.linear(h, w, b) / T).gather(-1, t)`` and ``-(p * log 
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_memory_does_not_grow_with_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -240,68 +233,13 @@ def test_bad_inputs():
         xentkit.linear_log_probs(hidden, weight.float(), target)
 
 
-# Peak resident memory of one forward + backward of both outputs in a fresh process, as in
-# test_linear_cross_entropy: /proc/self/clear_refs ("5") resets VmHWM, and a low mmap threshold
-# makes glibc give every large block back when it is freed.
-_PEAK_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch, xentkit
-    torch.set_num_threads(1)
-    v, d, sizes = int(sys.argv[1]), int(sys.argv[2]), [int(m) for m in sys.argv[3:]]
-
-    def kib(field):
-        with open("/proc/self/status") as status:
-            return int(next(line for line in status if line.startswith(field)).split()[1])
-
-    def step(backend, m):
-        hidden = torch.randn(m, d, requires_grad=True)
-        weight = torch.randn(v, d, requires_grad=True)
-        target = torch.randint(v, (m,))
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        before = kib("VmRSS:")
-        log_prob, entropy = xentkit.linear_log_probs(
-            hidden, weight, target, return_entropy=True, backend=backend, chunk_size=256
-        )
-        (log_prob.sum() + entropy.sum()).backward()
-        return kib("VmHWM:") - before
-
-    peaks = {}
-    for backend in ("chunked", "reference"):
-        step(backend, 300)  # first call: lazy imports and allocator set-up
-        peaks[backend] = [step(backend, m) for m in sizes]
-    print(json.dumps(peaks))
-    """
-)
-
-
 def test_memory_does_not_grow_with_tokens():
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-    except OSError:
-        pytest.skip("needs a writable /proc/self/clear_refs (Linux)")
-    v, d, small, large = 4096, 16, 512, 2048
-    argv = [sys.executable, "-c", _PEAK_SCRIPT, str(v), str(d), str(small), str(large)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
-    peaks = json.loads(
-        subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
+    assert_memory_does_not_grow_with_tokens(
+        "    log_prob, entropy = xentkit.linear_log_probs(\n"
+        "        hidden, weight, target, return_entropy=True, backend=backend, chunk_size=256\n"
+        "    )\n"
+        "    (log_prob.sum() + entropy.sum()).backward()"
     )
-    logits_growth_kib = (large - small) * v * 4 // 1024  # one fp32 logits buffer: 24 MiB
-    fused_growth = peaks["chunked"][1] - peaks["chunked"][0]
-    exact_growth = peaks["reference"][1] - peaks["reference"][0]
-    # The measurement sees the unfused logits; the fused step adds only O(M D) for grad_input.
-    assert exact_growth > logits_growth_kib, peaks
-    assert fused_growth < logits_growth_kib / 4, peaks
-
-
-def test_readme_block_runs():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Per-token log-probabilities for RL\n", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["hidden"].grad.abs().sum() > 0
 
 
 def test_benchmark_rows_compute_the_same_gradients():

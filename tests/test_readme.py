@@ -38,3 +38,10 @@ def test_the_training_loop_block_runs_on_two_processes(tmp_path):
 
 def test_the_ten_lines_run():
     exec(compile(_block("Ten lines"), "README.md", "exec"), {})
+
+
+def test_the_rl_log_probs_block_runs():
+    namespace: dict = {}
+    code = _block("Per-token log-probabilities for RL")
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["hidden"].grad.abs().sum() > 0
