@@ -382,6 +382,23 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch):
     close(grad, expected[2], GRAD_TOL[torch.float32])
 
 
+def test_a_failed_in_place_compilation_keeps_the_compiled_kernel_for_other_calls(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("inductor cannot alias")
+
+    logits, target, _ = make_case(torch.Generator().manual_seed(6), 6, 5, torch.float32)
+    expected = reference_loss_and_grad(logits, target, None, -100, 0.0, 0.0, None, 1.0, 1.0)
+    monkeypatch.setattr(chunked, "_compiled", {chunked._fused_rows: broken})
+    monkeypatch.setattr(chunked, "_inplace_compile_failed", False)
+    with kernel_mode(True), pytest.warns(RuntimeWarning, match="over the logits"):
+        ce, _, grad = chunked.loss_and_grad(
+            logits, target, None, -100, 0.0, 0.0, None, 1.0, out=logits
+        )
+        assert chunked.compile_enabled() and chunked._inplace_compile_failed
+    close(ce, expected[0], LOSS_TOL[torch.float32])
+    close(grad, expected[2], GRAD_TOL[torch.float32])
+
+
 # The compiled kernel: one compilation per dtype and set of options, reused for every shape.
 
 COMPILED_CASES = {

@@ -45,6 +45,10 @@ COMPILE_MIN_ELEMENTS = 1 << 20
 _compile_enabled = os.environ.get("XENTKIT_NO_COMPILE", "") in ("", "0")
 # The compiled form of each row function (index targets, probability targets), made on first use.
 _compiled: dict = {}
+# Set when compiling a kernel that writes the gradient over its own logits failed (torch
+# 2.13's inductor fails to alias them at large V): such calls then run eagerly, others stay
+# compiled.
+_inplace_compile_failed = False
 
 
 def set_compile(enabled: bool) -> None:
@@ -55,7 +59,8 @@ def set_compile(enabled: bool) -> None:
 
 
 def compile_enabled() -> bool:
-    """Whether the next call tries the compiled kernel (False after compiling has failed)."""
+    """Whether the next call tries the compiled kernel (False after compiling has failed for a
+    call that does not write its gradient over its logits)."""
     return _compile_enabled
 
 
@@ -63,7 +68,9 @@ def reset_compiled() -> None:
     """Forget the compiled kernel, so that the next call compiles again (what the benchmarks
     time as the first call). Compiled code lives in torch's dynamo cache, which this resets
     for every function."""
+    global _inplace_compile_failed
     _compiled.clear()
+    _inplace_compile_failed = False
     torch._dynamo.reset()
 
 
@@ -251,11 +258,13 @@ def _row_coefficients(
 def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor | None, ...]:
     """``rows_fn`` (:func:`_fused_rows` or :func:`_soft_rows`) over all rows: compiled in one
     call, or eagerly chunk by chunk."""
-    global _compile_enabled
+    global _compile_enabled, _inplace_compile_failed
     m, num_classes = logits.shape
+    in_place = out is not None and out.data_ptr() == logits.data_ptr()
+    compiled = _compile_enabled and not (in_place and _inplace_compile_failed)
     # torch.compile specialises sizes 0 and 1 even with dynamic shapes: one row or one class
     # stays eager rather than cost a compilation of its own.
-    if _compile_enabled and m > 1 and num_classes > 1 and m * num_classes >= COMPILE_MIN_ELEMENTS:
+    if compiled and m > 1 and num_classes > 1 and m * num_classes >= COMPILE_MIN_ELEMENTS:
         if rows_fn not in _compiled:
             _compiled[rows_fn] = torch.compile(rows_fn, dynamic=True)
         # In place, `out` is the logits: a detached alias keeps the two arguments distinct
@@ -266,10 +275,15 @@ def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tenso
             return _compiled[rows_fn](logits, *args, dest)
         except Exception as error:  # no C++ compiler, or an unsupported platform
             result = _eager_rows(rows_fn, logits, out, *args)  # raises when the input is at fault
-            _compile_enabled = False
+            if in_place:
+                _inplace_compile_failed = True
+            else:
+                _compile_enabled = False
+            calls = "calls that write the gradient over the logits" if in_place else "every call"
             warnings.warn(
                 f"xentkit: compiling the fused cross-entropy kernel failed ({error!r:.200}); "
-                "using the eager kernel from now on. Set XENTKIT_NO_COMPILE=1 to skip the try.",
+                f"using the eager kernel for {calls} from now on. Set XENTKIT_NO_COMPILE=1 to "
+                "skip the try.",
                 RuntimeWarning,
                 stacklevel=2,
             )
