@@ -145,6 +145,15 @@ def _unit(context: Context) -> bool:
     return low >= 0 and high <= 1
 
 
+def _distributions(context: Context) -> float | None:
+    """The largest |sum - 1| of the class rows when every row is a probability distribution
+    (in [0, 1], summing to 1 within the tolerance); None otherwise."""
+    if not _unit(context):
+        return None
+    ok, error = _sums_to_one(context.rows, 1, context.tol)
+    return error if ok else None
+
+
 # --- the input: probabilities, log-probabilities, logits, in the right dimension -------------
 
 
@@ -153,10 +162,8 @@ def probabilities_as_logits(c: Context) -> tuple[str, Evidence] | None:
     """A softmax output given to cross_entropy, which applies softmax again: the loss is
     squashed toward ln C and learning stalls. Fix: pass the logits from before the softmax, or
     nll_loss(probs.log(), target)."""
-    if not _unit(c):
-        return None
-    ok, error = _sums_to_one(c.rows, 1, c.tol)
-    if not ok:
+    error = _distributions(c)
+    if error is None:
         return None
     rows = c.rows.shape[0]
     return (
@@ -250,10 +257,8 @@ def softmax_wrong_dim(c: Context) -> tuple[str, Evidence] | None:
 def probabilities_as_log_probabilities(c: Context) -> tuple[str, Evidence] | None:
     """Probabilities given to nll_loss, which wants log-probabilities: the loss is -p, not
     -log p. Fix: pass probs.log(), or give the logits to cross_entropy."""
-    if not _unit(c):
-        return None
-    ok, error = _sums_to_one(c.rows, 1, c.tol)
-    if not ok:
+    error = _distributions(c)
+    if error is None:
         return None
     rows = c.rows.shape[0]
     return (
