@@ -71,6 +71,13 @@ def scale_gradient(grad: Tensor, grad_output: Tensor | None, reduction: str) -> 
     return grad.mul_(grad_output)
 
 
+def _fake_loss(logits: Tensor, reduction: str) -> Tensor:
+    """The loss a fused op returns, as a fake tensor: per row for ``"none"``, else a scalar, in
+    the accumulation dtype."""
+    shape = logits.shape[:1] if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=reference.accumulation_dtype(logits.dtype))
+
+
 def fused_cross_entropy(name: str, forward: Forward) -> Callable[..., Tensor]:
     """The differentiable ``cross_entropy(logits, target, weight, ignore_index, reduction,
     label_smoothing, z_loss, softcap, inplace_backward=False)`` of a backend's ``forward``,
@@ -95,9 +102,8 @@ def fused_cross_entropy(name: str, forward: Forward) -> Callable[..., Tensor]:
     @op.register_fake
     def _(logits, target, weight, ignore_index, reduction, *options):
         compute_grad = options[-1]
-        shape = logits.shape[:1] if reduction == "none" else ()
-        loss = logits.new_empty(shape, dtype=reference.accumulation_dtype(logits.dtype))
-        return loss, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+        grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+        return _fake_loss(logits, reduction), grad
 
     def setup_context(ctx, inputs, output) -> None:
         ctx.reduction = inputs[4]
@@ -129,8 +135,7 @@ def fused_cross_entropy(name: str, forward: Forward) -> Callable[..., Tensor]:
 
     @inplace_op.register_fake
     def _(logits, target, weight, ignore_index, reduction, *_options):
-        shape = logits.shape[:1] if reduction == "none" else ()
-        return logits.new_empty(shape, dtype=reference.accumulation_dtype(logits.dtype))
+        return _fake_loss(logits, reduction)
 
     class InplaceCrossEntropy(torch.autograd.Function):
         """Cross entropy whose gradient lives in the logits' own storage."""
