@@ -448,9 +448,8 @@ def soft_loss_and_grad(
             b = torch.as_tensor(z_scale, dtype=acc, device=logits.device)
             z_coef = (2 * z_loss * b).expand(num_rows)
         dest = _gradient_buffer(logits) if out is None else out
-    source, target = logits.detach(), target.detach()
-    source = source if source.is_contiguous() else source.contiguous()
-    target = target if target.is_contiguous() else target.contiguous()
+    # contiguous() is the tensor itself when it already is
+    source, target = logits.detach().contiguous(), target.detach().contiguous()
     with torch.no_grad():
         row_max, sum_exp, u_sum, ux_sum = _run_rows(
             _soft_rows, source, dest, target, w, label_smoothing, cap, a_coef, z_coef
