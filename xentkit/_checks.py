@@ -7,6 +7,7 @@ what was expected and what was given, and suggests the likely fix.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -319,4 +320,100 @@ def check_temperature(temperature: float) -> None:
             f"temperature must be a positive finite float (the logits are divided by it), got "
             f"{temperature!r}; 1.0 leaves the distribution as it is, and for greedy decoding "
             "take the argmax of the logits instead of a temperature of 0."
+        )
+
+
+def check_positive(name: str, value: float) -> None:
+    """A positive finite float option (a scale, a softcap)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}.")
+
+
+def _check_fraction(value: float, name: str, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1] ({meaning}), got {value!r}.")
+
+
+def check_distillation_options(beta: float, hard_weight: float, target: Tensor | None) -> None:
+    """``beta`` and ``hard_weight`` of ``linear_distillation_loss``, and the target the hard
+    term needs."""
+    _check_fraction(
+        beta,
+        "beta",
+        "0 is the forward KL(teacher || student), 1 the reverse KL(student || teacher), values "
+        "in between the generalized Jensen-Shannon divergence; TRL's GKD default is 0.5",
+    )
+    _check_fraction(
+        hard_weight,
+        "hard_weight",
+        "the weight of the cross entropy against target, the divergence getting "
+        "1 - hard_weight; 0.0 turns the hard term off",
+    )
+    if hard_weight > 0 and target is None:
+        raise ValueError(
+            f"hard_weight={hard_weight} needs target (the labels of the hard cross-entropy "
+            "term): pass target, with ignore_index where a token does not count, or "
+            "hard_weight=0.0 for the divergence alone."
+        )
+
+
+def _check_head(input: Tensor, weight: Tensor, bias: Tensor | None, model: str) -> None:
+    """One model's hidden states ``(..., D)``, head ``(V, D)`` and bias ``(V,)``."""
+    names = f"{model}_input", f"{model}_weight", f"{model}_bias"
+    check_floating_input(input, names[0])
+    check_floating_input(weight, names[1])
+    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{names[0]} (..., D) and {names[1]} (V, D) must share D: got {names[0]} "
+            f"{tuple(input.shape)} and {names[1]} {tuple(weight.shape)}; the weight is laid "
+            "out as nn.Linear(D, V).weight (pass lm_head.weight, not its transpose)."
+        )
+    if weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"{names[1]} dtype {_dtype(weight)} must match {names[0]} dtype {_dtype(input)}: "
+            f"pass {names[1]}.to({names[0]}.dtype) or run both under the same autocast."
+        )
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != input.dtype):
+        raise RuntimeError(
+            f"{names[2]} must have shape ({weight.shape[0]},) and dtype {_dtype(input)}, got "
+            f"shape {tuple(bias.shape)} and dtype {_dtype(bias)}."
+        )
+
+
+def check_distillation_heads(
+    student_input: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    target: Tensor | None,
+) -> None:
+    """Shapes and dtypes of ``linear_distillation_loss``'s two heads and targets: each model's
+    own D, a shared vocabulary V, the same tokens."""
+    _check_head(student_input, student_weight, student_bias, "student")
+    _check_head(teacher_input, teacher_weight, teacher_bias, "teacher")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"student_weight (V, D) and teacher_weight (V, D') must share the vocabulary V: got "
+            f"{tuple(student_weight.shape)} and {tuple(teacher_weight.shape)}; both heads must "
+            "score the same tokenizer's vocabulary (slice or pad the larger one to match)."
+        )
+    if teacher_input.shape[:-1] != student_input.shape[:-1]:
+        raise ValueError(
+            f"student_input and teacher_input must hold the same tokens: got leading shapes "
+            f"{tuple(student_input.shape[:-1])} and {tuple(teacher_input.shape[:-1])}; pass the "
+            "teacher's hidden states of the same batch (the same (B, T))."
+        )
+    if target is None:
+        return
+    if target.shape != student_input.shape[:-1]:
+        raise ValueError(
+            f"Expected target of shape {tuple(student_input.shape[:-1])} (student_input's shape "
+            f"without D), got {tuple(target.shape)}."
+        )
+    if target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {_dtype(target)}: pass "
+            "target.long() (class indices)."
         )

@@ -27,12 +27,16 @@ from xentkit._layout import to_rows
 BACKENDS = ("reference", "chunked", "triton")
 
 # The backend each fused function runs when none is forced, by device type. The reference
-# backend is the exact maths of :mod:`xentkit.reference` in torch ops.
+# backend is the exact maths of :mod:`xentkit.reference` in torch ops. On CUDA the linear
+# cross entropy's default is the chunked design (cuBLAS matrix products on token chunks, each
+# chunk's gradient written in place by the Triton row kernel), whose products run at cuBLAS
+# speed by construction; the fully fused Triton kernels stay ``backend="triton"`` until a GPU
+# measurement (benchmarks/gpu.sh) says otherwise.
 DEFAULT_BACKENDS = {
     ("cross_entropy", "cpu"): "chunked",
     ("cross_entropy", "cuda"): "triton",
     ("linear_cross_entropy", "cpu"): "chunked",
-    ("linear_cross_entropy", "cuda"): "triton",
+    ("linear_cross_entropy", "cuda"): "chunked",
 }
 
 # Whether Triton can be imported, looked up once (a lookup is not traceable by torch.compile).
@@ -501,37 +505,238 @@ def linear_log_probs(
 
     See also :func:`linear_cross_entropy` (whose ``reduction="none"`` loss is ``-log_prob``).
     """
-    if process_group is not None or _is_dtensor(input, weight, target, bias):
-        raise NotImplementedError(
-            "linear_log_probs does not run vocab-parallel yet (process_group or DTensor "
-            "inputs): gather the weight's vocabulary shards (weight.full_tensor() for a DTensor) "
-            "and call it with plain tensors, or use linear_cross_entropy(..., reduction='none', "
-            "process_group=group), whose loss is -log p(target) at temperature 1."
+    outputs = linear_head_outputs(
+        input, weight, target, bias, temperature=temperature,
+        outputs=("entropy",) if return_entropy else (), ignore_index=ignore_index,
+        chunk_size=chunk_size, process_group=process_group, backend=backend,
+    )  # fmt: skip
+    return (outputs.log_probs, outputs.entropy) if return_entropy else outputs.log_probs
+
+
+HEAD_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def linear_head_outputs(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    outputs: tuple[str, ...] | list[str] = ("entropy",),
+    ignore_index: int | None = -100,
+    chunk_size: int | None = None,
+    process_group=None,
+    backend: str | None = None,
+):
+    r"""Every per-token output a training loop takes from the LM head, without the logits:
+    the target's log-probability and, as asked by ``outputs``, the entropy, :math:`\log \sum_j
+    p_j^2`, the mean logit and whether the target is the top-1 prediction (TRL's fused head).
+
+    With :math:`z = W h + b` and :math:`s = c \tanh(\lambda z / c) / T`
+    (:func:`xentkit.reference.token_statistics` is the spec), the same sums as the loss
+    (:mod:`xentkit.kernels.row_stats`). ``log_probs`` and ``entropy`` carry gradients to
+    ``input``, ``weight`` and ``bias``; the others are statistics without gradient.
+
+    Args:
+        input, weight, target, bias, temperature, chunk_size, process_group, backend: as
+            :func:`linear_log_probs`.
+        logit_scale: :math:`\lambda`, multiplies the head's output first.
+        softcap: :math:`c`, the final-logit softcapping (Gemma 2), or None.
+        outputs: names from ``("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")``.
+        ignore_index: positions with this target get 0 (False for ``is_top1``) and no
+            gradient; None when every target is a class.
+    Returns:
+        :class:`xentkit.kernels.linear_log_probs.HeadOutputs`: each field of the target's
+        shape (None when not asked for), in the input's dtype (float32 under autocast;
+        ``is_top1`` bool).
+
+    Example:
+        >>> import torch
+        >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
+        >>> out = linear_head_outputs(h, w, torch.tensor([2, 0]), outputs=("is_top1",))
+        >>> out.log_probs, out.is_top1
+        (tensor([-0.4644, -2.6967]), tensor([ True, False]))
+    """
+    from xentkit.kernels import linear_log_probs as fused
+
+    unknown = sorted(set(outputs) - set(HEAD_OUTPUTS))
+    if unknown or isinstance(outputs, str):
+        raise ValueError(
+            f"outputs must be a tuple of names from {HEAD_OUTPUTS}, got {outputs!r}; "
+            "log_probs is always returned."
         )
     _checks.check_chunk_size(chunk_size)
     _checks.check_temperature(temperature)
+    _checks.check_positive("logit_scale", logit_scale)
+    if softcap is not None:
+        _checks.check_positive("softcap", softcap)
     _checks.check_floating_input(input)
+    if process_group is not None or _is_dtensor(input, weight, target, bias):
+        from xentkit import distributed
+
+        return distributed.linear_head_outputs(
+            input, weight, target, bias, temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap, outputs=tuple(outputs), ignore_index=ignore_index,
+            chunk_size=chunk_size, group=process_group,
+        )  # fmt: skip
     out_dtype = _autocast.loss_dtype(input)
     input, weight, bias = _autocast.lower(input, weight, bias)
     _checks.check_linear(input, weight, target, bias)
     hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
-    _checks.check_target_range(labels, weight.shape[0], ignore_index)
-    # No Triton kernel is written for this function: the chunked one runs on every device.
+    # ``None``: every target must be a class; the kernels then compare with a value no int64
+    # class id takes.
+    ignore = fused.NO_IGNORE if ignore_index is None else ignore_index
+    _checks.check_target_range(labels, weight.shape[0], ignore)
     name = resolve_backend(backend or "chunked", "linear_log_probs", input.device)
-    if name == "triton":
-        raise NotImplementedError(
-            "linear_log_probs has no Triton kernel yet: use backend='chunked' (the default, "
-            "torch ops on any device) or backend='reference'."
-        )
+    wanted = fused.Outputs(*(field in outputs for field in HEAD_OUTPUTS))
+    transform = fused.Transform(temperature, logit_scale, softcap)
     if name == "reference":
         logits = F.linear(hidden, weight, bias)
-        log_prob, entropy = reference.token_log_probs(logits, labels, temperature, ignore_index)
-    else:
-        from xentkit.kernels import linear_log_probs as fused
+        stats = reference.token_statistics(logits, labels, *transform[:1], ignore, *transform[1:])
+        result = fused.HeadOutputs(
+            *(value if asked else None for value, asked in zip(stats, (True, *wanted), strict=True))
+        )
+    elif name == "triton":
+        from xentkit.kernels import triton as triton_kernels
 
-        options = (temperature, ignore_index, return_entropy, chunk_size)
-        log_prob, entropy = fused.linear_log_probs(hidden, weight, labels, bias, *options)
-    log_prob = log_prob.reshape(target.shape).to(out_dtype)
-    if not return_entropy:
-        return log_prob
-    return log_prob, entropy.reshape(target.shape).to(out_dtype)
+        result = triton_kernels.head_outputs(
+            hidden, weight, labels, bias, transform, ignore, wanted, chunk_size
+        )
+    else:
+        result = fused.head_outputs(
+            hidden, weight, labels, bias, transform, ignore, wanted, chunk_size
+        )
+    return fused.HeadOutputs(
+        *(
+            None
+            if value is None
+            else value.reshape(target.shape).to(
+                value.dtype if value.dtype == torch.bool else out_dtype
+            )
+            for value in result
+        )
+    )
+
+
+def linear_distillation_loss(
+    student_input: Tensor,
+    student_weight: Tensor,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    target: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Knowledge distillation from the LM heads, without either model's ``(..., V)`` logits:
+    TRL's generalized Jensen-Shannon divergence between the student's and the teacher's
+    token distributions at ``temperature``, optionally mixed with a hard cross entropy.
+
+    With :math:`p = \mathrm{softmax}((W_s h_s + b_s) / T)`,
+    :math:`q = \mathrm{softmax}((W_t h_t + b_t) / T)` and :math:`m = \beta q + (1-\beta) p`,
+    per token
+
+    .. math:: \ell = (1-\lambda)\,D_\beta + \lambda\,\mathrm{ce}(W_s h_s + b_s, y), \qquad
+              D_0 = \mathrm{KL}(q \,\|\, p), \quad D_1 = \mathrm{KL}(p \,\|\, q), \quad
+              D_\beta = \beta\,\mathrm{KL}(q \,\|\, m) + (1-\beta)\,\mathrm{KL}(p \,\|\, m)
+
+    (TRL's ``GKDTrainer.generalized_jsd_loss``; :func:`xentkit.reference.distillation_terms`
+    is the spec). The hard term, weighted by :math:`\lambda` = ``hard_weight``, is the cross
+    entropy of the student's *raw* logits (temperature 1, as Liger Kernel's distillation
+    losses take it). Only the student is trained: ``student_input``, ``student_weight`` and
+    ``student_bias`` get gradients, the teacher's tensors are detached. The fused backend walks
+    the tokens in chunks and computes the student's gradients in the forward pass (four matrix
+    products for ``"mean"`` and ``"sum"``), so its extra memory does not grow with the number
+    of tokens.
+
+    Args:
+        student_input: student hidden states ``(..., D)``.
+        student_weight: student head ``(V, D)``, the layout of ``nn.Linear(D, V).weight``.
+        teacher_input: teacher hidden states ``(..., D')`` of the same tokens (``D'`` may
+            differ from ``D``).
+        teacher_weight: teacher head ``(V, D')`` over the same vocabulary.
+        target: labels ``(...)``: tokens whose label is ``ignore_index`` (the prompt, padding)
+            count for nothing; None counts every token.
+        student_bias, teacher_bias: optional ``(V,)``.
+        beta: :math:`\beta \in [0, 1]`: 0 the forward KL (the default, classic KD), 1 the
+            reverse KL, 0.5 the Jensen-Shannon divergence (TRL's GKD default).
+        temperature: :math:`T > 0`, which both models' logits are divided by (no
+            :math:`T^2` factor, as in TRL).
+        hard_weight: :math:`\lambda \in [0, 1]`; above 0 it needs ``target``.
+        ignore_index: the label of tokens that do not count.
+        reduction: ``"mean"`` over the counted tokens (with none counted 0 / 0 = NaN, as
+            PyTorch's ``cross_entropy`` gives), ``"sum"``, or ``"none"`` (the tokens' shape, 0
+            where ignored).
+        chunk_size: tokens per chunk for the fused backend (chosen from V and D when None).
+        backend: ``"chunked"`` (the default on every device: there is no Triton kernel for
+            this function, and ``"triton"`` raises) or ``"reference"`` (builds both logits).
+    Returns:
+        a scalar, or the tokens' shape for ``reduction="none"``; in the student's dtype
+        (float32 under autocast, where both heads run in the autocast dtype).
+
+    Example:
+        >>> import torch, xentkit
+        >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
+        >>> teacher_w = torch.tensor([[2.0, 0.5], [0.5, 3.0], [1.0, 1.0]])
+        >>> xentkit.linear_distillation_loss(h, w, h, teacher_w)
+        tensor(0.1986)
+        >>> xentkit.linear_distillation_loss(h, w, h, teacher_w, torch.tensor([2, -100]),
+        ...                                  beta=0.5, temperature=2.0, reduction="none")
+        tensor([0.0251, 0.0000])
+
+    See also :func:`linear_cross_entropy`, :class:`xentkit.nn.LinearDistillationLoss`.
+    """
+    _checks.check_reduction(reduction)
+    _checks.check_chunk_size(chunk_size)
+    _checks.check_temperature(temperature)
+    _checks.check_distillation_options(beta, hard_weight, target)
+    out_dtype = _autocast.loss_dtype(student_input)
+    heads = (student_input, student_weight, student_bias, teacher_input, teacher_weight)
+    # Both heads run in the autocast dtype, as F.linear would run them.
+    *heads, teacher_bias = _autocast.lower(*heads, teacher_bias)
+    student_input, student_weight, student_bias, teacher_input, teacher_weight = heads
+    # The teacher is not trained: no gradient flows into its tensors.
+    teacher_input, teacher_weight = teacher_input.detach(), teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    _checks.check_distillation_heads(
+        student_input, student_weight, student_bias, teacher_input, teacher_weight,
+        teacher_bias, target,
+    )  # fmt: skip
+    student = student_input.reshape(-1, student_input.shape[-1])
+    teacher = teacher_input.reshape(-1, teacher_input.shape[-1])
+    labels = None if target is None else target.reshape(-1).long()
+    if labels is not None:
+        _checks.check_target_range(labels, student_weight.shape[0], ignore_index)
+    options = (beta, temperature, hard_weight, ignore_index)
+    name = resolve_backend(backend or "chunked", "linear_distillation_loss", student.device)
+    if name == "triton":
+        raise NotImplementedError(
+            "linear_distillation_loss has no Triton kernel: use backend='chunked' (the default, "
+            "torch ops on any device, CUDA included) or backend='reference'."
+        )
+    if name == "reference":
+        student_logits = F.linear(student, student_weight, student_bias)
+        teacher_logits = F.linear(teacher, teacher_weight, teacher_bias)
+        loss = reference.distillation_loss(
+            student_logits, teacher_logits, labels, *options, reduction
+        )
+    else:
+        from xentkit.kernels import linear_distill as fused
+
+        loss = fused.linear_distillation_loss(
+            student, student_weight, teacher, teacher_weight, labels, student_bias,
+            teacher_bias, *options, reduction, chunk_size,
+        )  # fmt: skip
+    if reduction == "none":
+        loss = loss.reshape(student_input.shape[:-1])
+    return loss.to(out_dtype)

@@ -364,11 +364,58 @@ class TokenLogProbs(NamedTuple):
     entropy: Tensor  # (M,) entropy of the row's distribution
 
 
+class TokenStatistics(NamedTuple):
+    """Every per-row output of the LM head (0 / False where ignored)."""
+
+    log_prob: Tensor  # (M,) log p of the target
+    entropy: Tensor  # (M,) -sum p log p
+    log_sum_sq_probs: Tensor  # (M,) log sum p^2
+    mean_logits: Tensor  # (M,) mean of the transformed logits
+    is_top1: Tensor  # (M,) bool: the target is the first argmax
+
+
+def token_statistics(
+    logits: Tensor,
+    target: Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> TokenStatistics:
+    r"""Everything a training loop takes from a row of the LM head besides the loss.
+
+    With :math:`s = c \tanh(\lambda x / c) / T` (no tanh without a softcap :math:`c`; TRL's
+    order), :math:`\mathrm{lse} = \log \sum_j e^{s_j}` and :math:`p = \mathrm{softmax}(s)`:
+    :math:`\log p_t = s_t - \mathrm{lse}`, the entropy :math:`H = -\sum_j p_j \log p_j`,
+    :math:`\log \sum_j p_j^2`, the mean logit :math:`\frac{1}{C} \sum_j s_j` and whether the
+    target is the first :math:`\operatorname{argmax}_j s_j`. See :func:`token_log_probs` for
+    the gradients of the first two (the others have none).
+
+    Example:
+        >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> token_statistics(logits, torch.tensor([2, 0]))  # doctest: +NORMALIZE_WHITESPACE
+        TokenStatistics(log_prob=tensor([-0.4644, -2.6967]), entropy=tensor([0.9060, 0.5876]),
+            log_sum_sq_probs=tensor([-0.7589, -0.3687]), mean_logits=tensor([1.1667, 1.5000]),
+            is_top1=tensor([ True, False]))
+    """
+    dtype = accumulation_dtype(logits.dtype)
+    s = logits.to(dtype) * logit_scale
+    s = apply_softcap(s, softcap) / temperature
+    log_probs = log_softmax(s)
+    counted, log_prob, _, _ = nll_terms(log_probs, target, None, ignore_index)
+    p_log_p = torch.exp(log_probs) * log_probs.clamp_min(LOG_PROB_FLOOR)
+    entropy = torch.where(counted, -p_log_p.sum(-1), 0.0)
+    log_sum_sq = torch.where(counted, logsumexp(2 * log_probs), 0.0)
+    mean = torch.where(counted, s.mean(-1), 0.0)
+    top1 = counted & (s.argmax(-1) == torch.where(counted, target, 0))
+    return TokenStatistics(log_prob, entropy, log_sum_sq, mean, top1)
+
+
 def token_log_probs(
     logits: Tensor, target: Tensor, temperature: float = 1.0, ignore_index: int = -100
 ) -> TokenLogProbs:
     r"""The target's log-probability and the entropy of each row, at ``temperature``: what RL
-    fine-tuning (PPO, GRPO) takes from the LM head.
+    fine-tuning (PPO, GRPO) takes from the LM head (:func:`token_statistics`' first two).
 
     With :math:`s = x / T`, :math:`\mathrm{lse} = \log \sum_j e^{s_j}` and
     :math:`p = \mathrm{softmax}(s)`:
@@ -396,9 +443,114 @@ def token_log_probs(
         >>> token_log_probs(logits, torch.tensor([2, -100]), temperature=2.0)
         TokenLogProbs(log_prob=tensor([-0.7318,  0.0000]), entropy=tensor([1.0481, 0.0000]))
     """
-    dtype = accumulation_dtype(logits.dtype)
-    log_probs = log_softmax(logits.to(dtype) / temperature)
-    counted, log_prob, _, _ = nll_terms(log_probs, target, None, ignore_index)
-    p_log_p = torch.exp(log_probs) * log_probs.clamp_min(LOG_PROB_FLOOR)
-    entropy = torch.where(counted, -p_log_p.sum(-1), 0.0)
-    return TokenLogProbs(log_prob, entropy)
+    stats = token_statistics(logits, target, temperature, ignore_index)
+    return TokenLogProbs(stats.log_prob, stats.entropy)
+
+
+class DistillationTerms(NamedTuple):
+    """Per-row quantities of the distillation loss between a student's and a teacher's logits."""
+
+    counted: Tensor  # (M,) bool: the target is not ignore_index (all True without a target)
+    soft: Tensor  # (M,) generalized JSD at the temperature (0 where ignored)
+    hard: Tensor  # (M,) cross entropy of the student's raw logits (0 where ignored or unused)
+    loss: Tensor  # (M,) (1 - hard_weight) * soft + hard_weight * hard
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    r""":math:`\mathrm{KL}(p \,\|\, q) = \sum_j p_j (\log p_j - \log q_j)` per row."""
+    return (torch.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def distillation_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+) -> DistillationTerms:
+    r"""TRL's generalized Jensen-Shannon divergence between the student's and the teacher's
+    distributions at ``temperature``, plus an optional hard cross entropy: what knowledge
+    distillation (GKD, on-policy distillation) takes from two LM heads.
+
+    With :math:`p = \mathrm{softmax}(s / T)` (student), :math:`q = \mathrm{softmax}(t / T)`
+    (teacher) and :math:`m = \beta q + (1-\beta) p`:
+
+    .. math:: D_\beta = \begin{cases}
+              \mathrm{KL}(q \,\|\, p) & \beta = 0 \text{ (forward KL)} \\
+              \mathrm{KL}(p \,\|\, q) & \beta = 1 \text{ (reverse KL)} \\
+              \beta\,\mathrm{KL}(q \,\|\, m) + (1-\beta)\,\mathrm{KL}(p \,\|\, m) & \text{otherwise}
+              \end{cases}
+
+    (:math:`\log m` is a ``logaddexp`` of :math:`\log p + \log(1-\beta)` and
+    :math:`\log q + \log\beta`), and per row
+    :math:`\ell = (1-\lambda) D_\beta + \lambda\,\mathrm{ce}(s, y)` with :math:`\lambda` =
+    ``hard_weight``: the hard term is the cross entropy of the student's *raw* logits
+    (temperature 1, as Liger Kernel's distillation losses take it). Log-probabilities are
+    floored at :data:`LOG_PROB_FLOOR`, so a class masked in both models adds 0, not NaN.
+    There is no :math:`T^2` factor (TRL has none either).
+
+    Args:
+        student_logits: ``(M, V)`` logits of the model being trained.
+        teacher_logits: ``(M, V)`` logits of the teacher (gradients flow through both here;
+            :func:`xentkit.linear_distillation_loss` detaches the teacher).
+        target: ``(M,)`` labels or ``ignore_index``, or None (every row counts).
+        beta: :math:`\beta \in [0, 1]`.
+        temperature: :math:`T > 0`.
+        hard_weight: :math:`\lambda \in [0, 1]`; above 0 it needs ``target``.
+    Returns:
+        :class:`DistillationTerms` of ``(M,)`` tensors in float32 (float64 for float64 logits).
+
+    Example:
+        >>> s = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> t = torch.tensor([[2.0, 0.5, 1.0], [0.5, 3.0, 1.0]])
+        >>> distillation_terms(s, t, torch.tensor([2, 1]), beta=0.5, hard_weight=0.5).loss
+        tensor([0.2799, 0.0984])
+    """
+    dtype = accumulation_dtype(student_logits.dtype)
+    log_p = log_softmax(student_logits.to(dtype) / temperature).clamp_min(LOG_PROB_FLOOR)
+    log_q = log_softmax(teacher_logits.to(dtype) / temperature).clamp_min(LOG_PROB_FLOOR)
+    if beta == 0:
+        soft = _kl(log_q, log_p)
+    elif beta == 1:
+        soft = _kl(log_p, log_q)
+    else:
+        b = torch.tensor(beta, dtype=dtype, device=log_p.device)
+        log_m = torch.logaddexp(log_p + torch.log1p(-b), log_q + torch.log(b))
+        soft = beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m)
+    if target is None:
+        counted = torch.ones(soft.shape, dtype=torch.bool, device=soft.device)
+        hard = torch.zeros_like(soft)
+    else:
+        counted = target != ignore_index
+        hard = torch.zeros_like(soft)
+        if hard_weight > 0:
+            hard = nll_terms(log_softmax(student_logits.to(dtype)), target, None, ignore_index).loss
+    soft = torch.where(counted, soft, 0.0)
+    return DistillationTerms(counted, soft, hard, (1 - hard_weight) * soft + hard_weight * hard)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """:func:`distillation_terms`' loss, reduced: ``mean`` over the counted rows (a mean over
+    none is 0 / 0 = NaN, as in PyTorch's ``cross_entropy``), ``sum``, or ``none``.
+
+    Example:
+        >>> s = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> t = torch.tensor([[2.0, 0.5, 1.0], [0.5, 3.0, 1.0]])
+        >>> distillation_loss(s, t, torch.tensor([2, -100]))
+        tensor(0.3973)
+    """
+    terms = distillation_terms(
+        student_logits, teacher_logits, target, beta, temperature, hard_weight, ignore_index
+    )
+    return reduce(terms.loss, reduction, terms.counted.sum())

@@ -29,43 +29,91 @@ Matrix products run in the input dtype; everything else in float32 (float64 for 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from xentkit import reference
+from xentkit.kernels import row_stats
 from xentkit.kernels.linear_chunked import Problem, backward_over_chunks
 
-
-def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    """``s = logits / T`` in the accumulation dtype, written over ``logits`` when they are
-    already in it (the chunk buffer is scratch)."""
-    s = logits.to(reference.accumulation_dtype(logits.dtype))
-    return s if temperature == 1.0 else s.mul_(1 / temperature)
+# The ``ignore_index`` of a call where every target is a class: no int64 class id equals it.
+NO_IGNORE = -(2**63)
 
 
-def _entropy(log_probs: Tensor) -> Tensor:
-    r""":math:`-\sum_j p_j \log p_j` per row; floors ``log_probs`` in place (see
-    :data:`xentkit.reference.LOG_PROB_FLOOR`: a masked class adds 0, not NaN)."""
-    p = torch.exp(log_probs)
-    return p.mul_(log_probs.clamp_min_(reference.LOG_PROB_FLOOR)).sum(-1).neg_()
+class Transform(NamedTuple):
+    r"""What is done to the head's output :math:`z` before the softmax, in this order (TRL's
+    convention): :math:`s = c \tanh(\lambda z / c) / T` (no tanh without a softcap :math:`c`)."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def apply(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        r"""``s`` in the accumulation dtype, written over ``logits`` when they are already in it
+        (the chunk buffer is scratch), and :math:`\tanh(\lambda z / c)` (None without a
+        softcap) for :meth:`chain`."""
+        z = logits.to(reference.accumulation_dtype(logits.dtype))
+        if self.logit_scale != 1.0:
+            z = z.mul_(self.logit_scale)
+        tanh = None
+        if self.softcap is not None:
+            tanh = torch.tanh(z.div_(self.softcap))
+            z = z.copy_(tanh).mul_(self.softcap)
+        return z if self.temperature == 1.0 else z.mul_(1 / self.temperature), tanh
+
+    def chain(self, grad: Tensor, tanh: Tensor | None) -> Tensor:
+        r"""``grad`` with respect to ``s`` turned into one with respect to ``z``, in place:
+        times :math:`\lambda (1 - \tanh^2) / T`."""
+        factor = self.logit_scale / self.temperature
+        if tanh is not None:
+            grad.mul_(tanh.square_().neg_().add_(1))
+        return grad if factor == 1.0 else grad.mul_(factor)
 
 
-def _forward(
-    problem: Problem, temperature: float, return_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log p_t, entropy, lse)`` per token (0 where ignored; an empty entropy when not
-    asked for)."""
-    zeros = problem.hidden.new_zeros(problem.target.shape[0], dtype=problem.acc)
-    log_prob, lse = zeros, zeros.clone()
-    entropy = zeros.clone() if return_entropy else zeros.new_empty(0)
+class Outputs(NamedTuple):
+    """Which optional per-token outputs a call computes."""
+
+    entropy: bool = False
+    log_sum_sq_probs: bool = False
+    mean_logits: bool = False
+    is_top1: bool = False
+
+
+def _forward(problem: Problem, transform: Transform, outputs: Outputs) -> list[Tensor]:
+    """``[log p_t, lse, entropy, log sum p^2, mean logit, is_top1]`` per token (0 / False where
+    ignored; an empty tensor for an output not asked for)."""
+    rows = problem.target.shape[0]
+    zeros = problem.hidden.new_zeros(rows, dtype=problem.acc)
+    results = [zeros, zeros.clone()]
+    for asked in outputs[:3]:
+        results.append(zeros.clone() if asked else zeros.new_empty(0))
+    flag = torch.zeros(rows if outputs.is_top1 else 0, dtype=torch.bool, device=zeros.device)
+    results.append(flag)
+    log_prob, lse, entropy, log_sum_sq, mean, top1 = results
     buffer = problem.buffer()
     for where, hidden, target in problem.chunks():
-        s = _scaled(problem.logits(hidden, buffer), temperature)
-        lse[where] = chunk_lse = torch.logsumexp(s, -1)
-        log_prob[where] = s.gather(1, target.unsqueeze(1)).squeeze(1) - chunk_lse
-        if return_entropy:
-            entropy[where] = _entropy(s.sub_(chunk_lse.unsqueeze(1)))
-    return log_prob, entropy, lse
+        s, _ = transform.apply(problem.logits(hidden, buffer))
+        stats = row_stats.block(
+            s,
+            target,
+            entropy=outputs.entropy,
+            sum_sq=outputs.log_sum_sq_probs,
+            sum_x=outputs.mean_logits,
+            argmax=outputs.is_top1,
+        )
+        done = row_stats.finish(stats)
+        log_prob[where], lse[where] = done.log_prob, done.lse
+        if outputs.entropy:
+            entropy[where] = done.entropy
+        if outputs.log_sum_sq_probs:
+            log_sum_sq[where] = done.log_sum_sq_probs
+        if outputs.mean_logits:
+            mean[where] = stats.sum_x / s.shape[-1]
+        if outputs.is_top1:
+            top1[where] = stats.argmax == target
+    return results
 
 
 def _backward(
@@ -74,27 +122,19 @@ def _backward(
     grad_entropy: Tensor | None,
     lse: Tensor,
     entropy: Tensor,
-    temperature: float,
+    transform: Transform,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_i a_i log p_{t_i} + b_i H_i`` (a missing ``a`` or ``b`` is 0)."""
-    # a / T and b / T: the 1 / T of ds/dz folded into the per-row scales.
     a = torch.zeros_like(lse) if grad_log_prob is None else grad_log_prob.to(problem.acc)
-    a = a / temperature
-    b = None if grad_entropy is None else grad_entropy.to(problem.acc) / temperature
+    b = None if grad_entropy is None else grad_entropy.to(problem.acc)
 
     def chunk_grad(where: slice | Tensor, logits: Tensor, target: Tensor) -> Tensor:
-        log_probs = _scaled(logits, temperature).sub_(lse[where].unsqueeze(1))
-        a_rows = a[where].unsqueeze(1)
-        if b is None:
-            grad = log_probs.exp_().mul_(-a_rows)  # -a p / T
-        else:
-            # -(p / T)(a + b (log p + H)), log p floored as in the forward's entropy.
-            b_rows = b[where].unsqueeze(1)
-            p = torch.exp(log_probs)
-            grad = log_probs.clamp_min_(reference.LOG_PROB_FLOOR).mul_(-b_rows)
-            grad.sub_(a_rows + b_rows * entropy[where].unsqueeze(1)).mul_(p)
-        grad.scatter_add_(1, target.unsqueeze(1), a_rows)  # + a / T at the target
+        s, tanh = transform.apply(logits)
+        b_rows = None if b is None else b[where]
+        h_rows = None if b is None else entropy[where]
+        grad = row_stats.log_prob_grad(s, lse[where], a[where], b_rows, h_rows, target)
+        grad = transform.chain(grad, tanh)
         # The matrix products take the gradient in the input dtype.
         return grad if grad.dtype == logits.dtype else logits.copy_(grad)
 
@@ -119,23 +159,32 @@ def _log_probs_op(
     weight: Tensor,
     target: Tensor,
     bias: Tensor | None,
-    temperature: float,
+    transform: list[float],
     ignore_index: int,
-    return_entropy: bool,
+    outputs: list[bool],
     chunk_size: int | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log p_t, entropy, lse)`` per token; ``lse`` is kept for the backward. One opaque op,
-    so that ``torch.compile`` of a caller neither unrolls nor re-traces the chunk loop."""
+) -> list[Tensor]:
+    """``[log p_t, lse, entropy, log sum p^2, mean logit, is_top1]`` per token (see
+    :func:`_forward`); ``lse`` is kept for the backward. ``transform`` is ``(T, scale,
+    softcap or 0)``. One opaque op, so that ``torch.compile`` of a caller neither unrolls nor
+    re-traces the chunk loop."""
     problem = _problem(hidden, weight, target, bias, ignore_index, chunk_size)
-    return _forward(problem, temperature, return_entropy)
+    return _forward(problem, _transform(transform), Outputs(*outputs))
+
+
+def _transform(values: list[float]) -> Transform:
+    temperature, scale, softcap = values
+    return Transform(temperature, scale, softcap or None)
 
 
 @_log_probs_op.register_fake
-def _(hidden, weight, target, bias, temperature, ignore_index, return_entropy, chunk_size):
+def _(hidden, weight, target, bias, transform, ignore_index, outputs, chunk_size):
     acc = reference.accumulation_dtype(hidden.dtype)
     rows = target.shape[0]
-    entropy = hidden.new_empty(rows if return_entropy else 0, dtype=acc)
-    return hidden.new_empty(rows, dtype=acc), entropy, hidden.new_empty(rows, dtype=acc)
+    results = [hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows, dtype=acc)]
+    results += [hidden.new_empty(rows if asked else 0, dtype=acc) for asked in outputs[:3]]
+    results.append(hidden.new_empty(rows if outputs[3] else 0, dtype=torch.bool))
+    return results
 
 
 @torch.library.custom_op("xentkit::linear_log_probs_backward", mutates_args=())
@@ -148,7 +197,7 @@ def _log_probs_backward_op(
     bias: Tensor | None,
     lse: Tensor,
     entropy: Tensor,
-    temperature: float,
+    transform: list[float],
     ignore_index: int,
     chunk_size: int | None,
     needs: list[bool],
@@ -157,7 +206,7 @@ def _log_probs_backward_op(
     an empty tensor for each other one."""
     problem = _problem(hidden, weight, target, bias, ignore_index, chunk_size)
     grads = (grad_log_prob, grad_entropy, lse, entropy)
-    return _backward(problem, *grads, temperature, tuple(needs))
+    return _backward(problem, *grads, _transform(transform), tuple(needs))
 
 
 @_log_probs_backward_op.register_fake
@@ -171,18 +220,19 @@ def _(grad_log_prob, grad_entropy, hidden, weight, target, bias, *options):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, bias, temperature, ignore_index, return_entropy, chunk_size = inputs
-    ctx.options = (temperature, ignore_index, chunk_size)
-    ctx.return_entropy = return_entropy
-    _, entropy, lse = output
+    hidden, weight, target, bias, transform, ignore_index, outputs, chunk_size = inputs
+    ctx.options = (transform, ignore_index, chunk_size)
+    ctx.return_entropy = outputs[0]
+    _, lse, entropy, *statistics = output
     # Saved through autograd so that a backward which reads the inputs again notices in-place
     # changes to them.
     ctx.save_for_backward(hidden, weight, target, bias, lse, entropy)
-    ctx.mark_non_differentiable(*output[1 if not return_entropy else 2 :])
+    ctx.mark_non_differentiable(lse, *statistics, *(() if outputs[0] else (entropy,)))
     ctx.set_materialize_grads(False)
 
 
-def _autograd_backward(ctx, grad_log_prob: Tensor | None, grad_entropy: Tensor | None, _lse):
+def _autograd_backward(ctx, grads: list[Tensor | None]):
+    grad_log_prob, _, grad_entropy, *_ = grads
     if not ctx.return_entropy:
         grad_entropy = None
     none = (None,) * 4
@@ -190,10 +240,10 @@ def _autograd_backward(ctx, grad_log_prob: Tensor | None, grad_entropy: Tensor |
     if (grad_log_prob is None and grad_entropy is None) or not any(needs):
         return None, None, None, None, *none
     hidden, weight, target, bias, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, chunk_size = ctx.options
+    transform, ignore_index, chunk_size = ctx.options
     grads = _log_probs_backward_op(
         grad_log_prob, grad_entropy, hidden, weight, target, bias, lse, entropy,
-        temperature, ignore_index, chunk_size, needs,
+        transform, ignore_index, chunk_size, needs,
     )  # fmt: skip
     gh, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=True))
     return gh, gw, None, gb, *none
@@ -202,40 +252,62 @@ def _autograd_backward(ctx, grad_log_prob: Tensor | None, grad_entropy: Tensor |
 _log_probs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def linear_log_probs(
+class HeadOutputs(NamedTuple):
+    """Per-token outputs of the LM head (None where not asked for)."""
+
+    log_probs: Tensor  # log p(target), differentiable
+    entropy: Tensor | None  # differentiable
+    log_sum_sq_probs: Tensor | None  # log sum_j p_j^2, no gradient
+    mean_logits: Tensor | None  # mean_j s_j, no gradient
+    is_top1: Tensor | None  # bool: the target is the first argmax
+
+
+def head_outputs(
     hidden: Tensor,
     weight: Tensor,
     target: Tensor,
     bias: Tensor | None,
-    temperature: float,
+    transform: Transform,
     ignore_index: int,
-    return_entropy: bool,
+    outputs: Outputs,
     chunk_size: int | None,
-) -> tuple[Tensor, Tensor | None]:
-    r"""Fused ``log_softmax((hidden @ weight.T + bias) / T).gather(-1, target)`` and the
-    entropy, over token chunks.
+) -> HeadOutputs:
+    r"""The LM head's per-token outputs over token chunks, never building the logits:
 
     .. math:: \log p_{i,t_i} = s_{i,t_i} - \mathrm{lse}(s_i), \quad
-              H_i = -\sum_j p_{i,j} \log p_{i,j}, \qquad s_i = (W h_i + b) / T
+              H_i = -\sum_j p_{i,j} \log p_{i,j}, \quad \log \sum_j p_{i,j}^2, \quad
+              \frac{1}{V} \sum_j s_{i,j}, \quad [t_i = \operatorname{argmax}_j s_{i,j}]
+
+    with :math:`s_i` = ``transform`` of :math:`W h_i + b` and the sums of
+    :mod:`xentkit.kernels.row_stats`.
 
     Args:
         hidden: ``(M, D)`` hidden states.
         weight: ``(V, D)`` classifier, the layout of ``nn.Linear(D, V).weight``.
         target: ``(M,)`` int64 class ids or ``ignore_index``.
         bias: optional ``(V,)``.
-        temperature: :math:`T > 0`.
-        ignore_index: targets whose outputs (and gradients) are 0.
-        return_entropy: whether to compute :math:`H` too.
+        transform: temperature, logit scale and softcap (:class:`Transform`).
+        ignore_index: targets whose outputs (and gradients) are 0 (False for ``is_top1``).
+        outputs: which optional outputs to compute (:class:`Outputs`).
         chunk_size: tokens per chunk; :func:`~.linear_chunked.auto_chunk_size` when None.
     Returns:
-        ``(log_prob, entropy)``, each ``(M,)`` in float32 (float64 for float64 input);
-        ``entropy`` is None unless ``return_entropy``.
+        :class:`HeadOutputs` of ``(M,)`` tensors in float32 (float64 for float64 input).
 
     Example:
         >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
-        >>> linear_log_probs(h, w, torch.tensor([2, 1]), None, 1.0, -100, True, None)
-        (tensor([-0.4644, -0.1967]), tensor([0.9060, 0.5876]))
+        >>> out = head_outputs(h, w, torch.tensor([2, 1]), None, Transform(), -100,
+        ...                    Outputs(entropy=True, is_top1=True), None)
+        >>> out.log_probs, out.entropy, out.is_top1
+        (tensor([-0.4644, -0.1967]), tensor([0.9060, 0.5876]), tensor([ True,  True]))
     """
-    options = (temperature, ignore_index, return_entropy, chunk_size)
-    log_prob, entropy, _ = _log_probs_op(hidden, weight, target, bias, *options)
-    return log_prob, entropy if return_entropy else None
+    values = [transform.temperature, transform.logit_scale, transform.softcap or 0.0]
+    log_prob, _, entropy, log_sum_sq, mean, top1 = _log_probs_op(
+        hidden, weight, target, bias, values, ignore_index, list(outputs), chunk_size
+    )
+    return HeadOutputs(
+        log_prob,
+        entropy if outputs.entropy else None,
+        log_sum_sq if outputs.log_sum_sq_probs else None,
+        mean if outputs.mean_logits else None,
+        top1 if outputs.is_top1 else None,
+    )

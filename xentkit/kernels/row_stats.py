@@ -1,0 +1,206 @@
+r"""The per-row statistics of logits, over one block of classes, and how blocks merge.
+
+Everything a loss or a training loop takes from a row of logits :math:`x` (after any softcap,
+scale and temperature) follows from a few sums over its classes. Over a block :math:`B` of
+classes, with the block's maximum :math:`m_B` and shift :math:`\bar m_B` (:math:`m_B`, or 0
+when the block is empty or all :math:`-\infty`):
+
+.. math:: S_B = \sum_{j \in B} e^{x_j - \bar m_B}, \quad
+          X_B = \sum_{j \in B} e^{x_j - \bar m_B} (x_j - \bar m_B), \quad
+          Q_B = \sum_{j \in B} e^{2 (x_j - \bar m_B)}, \quad
+          L_B = \sum_{j \in B} w_j x_j, \quad
+          t_B = x_t \,[t \in B], \quad a_B = \operatorname{argmax}_{j \in B} x_j
+
+(:math:`w` the class weights, 1 without them; :math:`a_B` the *first* maximum, as
+``torch.argmax``). Two blocks merge by rescaling to the larger maximum :math:`M`:
+
+.. math:: S = \sum_K S_K e^{\bar m_K - \bar M}, \quad
+          X = \sum_K e^{\bar m_K - \bar M} \big(X_K + S_K (\bar m_K - \bar M)\big), \quad
+          Q = \sum_K Q_K e^{2(\bar m_K - \bar M)}, \quad
+          L = \sum_K L_K, \quad t = \sum_K t_K
+
+over blocks :math:`K = A, B, \dots` in class order; :math:`a` is that of the first block whose
+maximum is :math:`M` (so a tie keeps the first maximum). :math:`X` is kept relative to the
+shift so that the entropy :math:`\log S - X / S` loses no digits to a large log-sum-exp. A
+vocabulary shard on another rank is one more block: the vocab-parallel paths gather every
+rank's statistics and merge them with :func:`merge` along the rank dimension. From the merged
+statistics (:func:`finish`):
+
+.. math:: \mathrm{lse} = \bar M + \log S, \quad \log p_t = t - \mathrm{lse}, \quad
+          H = -\sum_j p_j \log p_j = \log S - X / S, \quad
+          \log \textstyle\sum_j p_j^2 = \log Q - 2 \log S
+
+and the gradients of :math:`\sum_i a_i \log p_{t_i} + b_i H_i` with respect to the logits,
+which need only :math:`\mathrm{lse}` and :math:`H` (:func:`log_prob_grad`):
+
+.. math:: \frac{\partial}{\partial x_j} = a\,([j = t] - p_j) - b\,p_j (\log p_j + H)
+
+:func:`xentkit.reference.token_log_probs` is the spec these are tested against; the chunked
+paths take a whole row as one block, the vocab-parallel paths one block per rank, and the
+Triton kernels transcribe :func:`merge` for their blocks of classes
+(:mod:`xentkit.kernels.triton`), tested against this module.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from xentkit import reference
+
+
+class RowStats(NamedTuple):
+    """The statistics of one block of classes for each row (a field is None when not asked
+    for). ``max`` is the block's true maximum; the sums are relative to :func:`shift` of it."""
+
+    max: Tensor  # m_B, -inf for an empty or all -inf block
+    sum_exp: Tensor  # S_B
+    target: Tensor  # t_B: the target's logit where the block holds it, else 0
+    sum_exp_x: Tensor | None = None  # X_B (relative to the shift), for the entropy
+    sum_exp2: Tensor | None = None  # Q_B, for log sum p^2
+    sum_x: Tensor | None = None  # L_B, for the mean logit and label smoothing
+    argmax: Tensor | None = None  # a_B as a class index of the whole row (int64)
+
+
+def shift(row_max: Tensor) -> Tensor:
+    """The shift :math:`\\bar m` subtracted before exponentiating: the maximum, or 0 where it is
+    ``-inf`` (so that ``exp(-inf - shift)`` is 0, not NaN). A ``+inf`` maximum stays, so that
+    such a row's results are NaN, as in PyTorch."""
+    return torch.where(row_max == float("-inf"), 0.0, row_max)
+
+
+def block(
+    x: Tensor,
+    target: Tensor | None = None,
+    *,
+    owned: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    offset: int = 0,
+    entropy: bool = False,
+    sum_sq: bool = False,
+    sum_x: bool = False,
+    argmax: bool = False,
+) -> RowStats:
+    """:class:`RowStats` of ``(rows, B)`` logits ``x`` (in the accumulation dtype).
+
+    Args:
+        x: the block's logits, already transformed (softcap, scale, temperature).
+        target: ``(rows,)`` class indices *within the block*; rows where ``owned`` is False (the
+            target lies in another block) may hold any index in range.
+        owned: ``(rows,)`` bool, which rows' targets lie in this block (all when None).
+        class_weight: ``(B,)`` weights of :math:`L_B` (1 when None).
+        offset: the block's first class in the whole row (for ``argmax``).
+        entropy, sum_sq, sum_x, argmax: which optional statistics to compute.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
+        >>> s = block(x, torch.tensor([2, 1]), entropy=True)
+        >>> finish(s).log_prob
+        tensor([-0.4644, -0.1967])
+    """
+    rows = x.shape[:-1]
+    # An empty block (an uneven vocabulary shard) holds nothing: its maximum is -inf.
+    row_max = x.amax(-1) if x.shape[-1] else x.new_full(rows, float("-inf"))
+    shifted = x - shift(row_max).unsqueeze(-1)
+    e = torch.exp(shifted)
+    if target is None or not x.shape[-1]:
+        picked = x.new_zeros(rows)
+    else:
+        picked = x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        if owned is not None:
+            picked = torch.where(owned, picked, 0.0)
+    stats = RowStats(row_max, e.sum(-1), picked)
+    if entropy:
+        # A -inf logit has e = 0: floored, it adds 0 * floor = 0 instead of 0 * -inf = NaN.
+        floored = shifted.clamp_min_(reference.LOG_PROB_FLOOR)
+        stats = stats._replace(sum_exp_x=(e * floored).sum(-1))
+    if sum_sq:
+        stats = stats._replace(sum_exp2=(e * e).sum(-1))
+    if sum_x:
+        stats = stats._replace(sum_x=x.sum(-1) if class_weight is None else x @ class_weight)
+    if argmax:
+        first = x.argmax(-1) if x.shape[-1] else torch.zeros(rows, dtype=torch.long)
+        stats = stats._replace(argmax=first.to(x.device) + offset)
+    return stats
+
+
+def stack(parts: list[RowStats]) -> RowStats:
+    """Several blocks' statistics stacked on a new leading dimension, for :func:`merge`."""
+    return RowStats(*(None if f[0] is None else torch.stack(f) for f in zip(*parts, strict=True)))
+
+
+def merge(stats: RowStats) -> RowStats:
+    """Merge statistics stacked along dimension 0 (blocks in class order) into one block's.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.5, 2.0, -1.0]])
+        >>> parts = [block(x[:, :2], entropy=True, argmax=True),
+        ...          block(x[:, 2:], offset=2, entropy=True, argmax=True)]
+        >>> merged, whole = merge(stack(parts)), block(x, entropy=True, argmax=True)
+        >>> torch.allclose(merged.sum_exp, whole.sum_exp), int(merged.argmax)
+        (True, 2)
+    """
+    new_max = stats.max.amax(0)
+    # A block with no finite class weighs 0 (its sums are 0; exp(-inf) guards overflow).
+    scale = torch.where(
+        stats.max == float("-inf"), 0.0, torch.exp(shift(stats.max) - shift(new_max))
+    )
+    merged = RowStats(new_max, (stats.sum_exp * scale).sum(0), stats.target.sum(0))
+    if stats.sum_exp_x is not None:
+        moved = stats.sum_exp_x + stats.sum_exp * (shift(stats.max) - shift(new_max))
+        merged = merged._replace(sum_exp_x=(moved * scale).sum(0))
+    if stats.sum_exp2 is not None:
+        merged = merged._replace(sum_exp2=(stats.sum_exp2 * scale * scale).sum(0))
+    if stats.sum_x is not None:
+        merged = merged._replace(sum_x=stats.sum_x.sum(0))
+    if stats.argmax is not None:
+        # The first block holding the maximum (argmax over dim 0 returns the first).
+        winner = torch.where(stats.max == new_max, 1, 0).argmax(0, keepdim=True)
+        merged = merged._replace(argmax=stats.argmax.gather(0, winner).squeeze(0))
+    return merged
+
+
+class RowOutputs(NamedTuple):
+    """What :func:`finish` derives from a whole row's statistics (None where not asked)."""
+
+    lse: Tensor
+    log_prob: Tensor
+    entropy: Tensor | None
+    log_sum_sq_probs: Tensor | None
+
+
+def finish(stats: RowStats) -> RowOutputs:
+    """``lse``, the target's ``log p``, the entropy and ``log sum p^2`` of whole rows."""
+    log_sum = torch.log(stats.sum_exp)
+    lse = shift(stats.max) + log_sum
+    entropy = None if stats.sum_exp_x is None else log_sum - stats.sum_exp_x / stats.sum_exp
+    log_sum_sq = None if stats.sum_exp2 is None else torch.log(stats.sum_exp2) - 2 * log_sum
+    return RowOutputs(lse, stats.target - lse, entropy, log_sum_sq)
+
+
+def log_prob_grad(
+    x: Tensor,
+    lse: Tensor,
+    a: Tensor,
+    b: Tensor | None = None,
+    entropy: Tensor | None = None,
+    target: Tensor | None = None,
+    owned: Tensor | None = None,
+) -> Tensor:
+    r""":math:`a([j = t] - p_j) - b\,p_j(\log p_j + H)` for a block of logits ``x``, written
+    over ``x`` (scratch). ``a``, ``b``, ``lse``, ``entropy`` are per row; ``target``/``owned`` as
+    in :func:`block` (no target term without ``target``). :math:`\log p` is floored at
+    :data:`xentkit.reference.LOG_PROB_FLOOR` so that a masked class adds 0, not NaN."""
+    log_p = x.sub_(lse.unsqueeze(-1))
+    if b is None:
+        grad = log_p.exp_().mul_(-a.unsqueeze(-1))
+    else:
+        p = torch.exp(log_p)
+        grad = log_p.clamp_min_(reference.LOG_PROB_FLOOR).mul_(-b.unsqueeze(-1))
+        grad.sub_((a + b * entropy).unsqueeze(-1)).mul_(p)
+    if target is not None and x.shape[-1]:
+        at_target = a if owned is None else torch.where(owned, a, 0.0)
+        grad.scatter_add_(-1, target.unsqueeze(-1), at_target.unsqueeze(-1))
+    return grad
