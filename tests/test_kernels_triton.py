@@ -531,12 +531,18 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("installed", [True, False])
-def test_cuda_defaults_to_triton_when_installed(monkeypatch, installed):
+def test_cuda_defaults(monkeypatch, installed):
+    """Plain cross entropy defaults to Triton on CUDA where it is installed; the linear one to
+    the chunked design (whose row pass is Triton's there: see
+    test_linear_chunked_triton_rows.py), the fused Triton kernels being a named backend."""
     monkeypatch.setattr(functional, "_triton_installed", lambda: installed)
     cuda = torch.device("cuda")
+    ce_default = "triton" if installed else "chunked"
+    assert functional.resolve_backend(None, "cross_entropy", cuda) == ce_default
+    assert functional.resolve_backend(None, "linear_cross_entropy", cuda) == "chunked"
     for fn in ("cross_entropy", "linear_cross_entropy"):
-        assert functional.resolve_backend(None, fn, cuda) == ("triton" if installed else "chunked")
         assert functional.resolve_backend("chunked", fn, cuda) == "chunked"
+        assert functional.resolve_backend("triton", fn, cuda) == "triton"
         assert functional.resolve_backend("triton", fn, torch.device("cpu")) == "triton"
 
 

@@ -29,10 +29,16 @@ with each row's gradient scaled by its ``grad_output`` (three matrix products). 
 
 Matrix products run in the input dtype; loss terms, gradients of the logits and the weight and
 bias gradients accumulate in float32 (float64 for float64 input), as under ``torch.autocast``.
+
+On CUDA (when Triton is installed) each chunk's row pass is Triton's row kernel,
+:func:`triton_loss_and_grad`, which writes the chunk's gradient over its logits in one launch;
+the matrix products stay cuBLAS's. On the CPU it is :func:`xentkit.kernels.chunked.loss_and_grad`
+(:data:`ROW_KERNEL` forces either; Triton is imported on first use only).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 
 import torch
@@ -49,20 +55,43 @@ CHUNK_BYTES = 32 * 2**20
 # Each chunk reads and writes the whole V x D weight-gradient accumulator once while doing
 # 6 m V D flops of matrix products, so below ~128 rows the accumulator traffic starts to show.
 MIN_CHUNK_ROWS = 128
+# On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
+# writes the float32 (V, D) weight-gradient accumulator (about 12 bytes per entry with the
+# half-precision partial product) while doing 6 m V D flops, which at ~700 TFLOP/s and
+# ~4 TB/s costs about 350 / m of the products' time: 9% at m = 4096. About 1 GiB of logits
+# (4096 rows at V = 128256 in bfloat16, 2048 at V = 256000), whatever the number of tokens.
+CUDA_CHUNK_BYTES = 2**30
+CUDA_MIN_CHUNK_ROWS = 1024
+
+# Which row kernel a chunk runs: None picks by device (Triton's on CUDA where Triton is
+# installed, the torch-ops one otherwise); "chunked" or "triton" forces one (the tests force
+# "triton" on CPU tensors under TRITON_INTERPRET=1).
+ROW_KERNEL: str | None = None
+# Looked up once, without importing Triton.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def auto_chunk_size(num_classes: int, hidden_dim: int, dtype: torch.dtype) -> int:
+def auto_chunk_size(
+    num_classes: int, hidden_dim: int, dtype: torch.dtype, device_type: str = "cpu"
+) -> int:
     """Tokens per chunk: about :data:`CHUNK_BYTES` of logits, hidden rows and their gradient.
 
     A chunk holds ``m (V + 2 D)`` elements (logits, gathered hidden rows, their gradient); the
-    row count is a multiple of 32, at least :data:`MIN_CHUNK_ROWS`.
+    row count is a multiple of 32, at least :data:`MIN_CHUNK_ROWS`. On CUDA
+    (``device_type="cuda"``) about :data:`CUDA_CHUNK_BYTES` of logits, a multiple of 256 rows,
+    at least :data:`CUDA_MIN_CHUNK_ROWS`.
 
     Example:
         >>> auto_chunk_size(32768, 1024, torch.float32)
         224
         >>> auto_chunk_size(128256, 4096, torch.bfloat16)
         128
+        >>> auto_chunk_size(128256, 4096, torch.bfloat16, "cuda")
+        4096
     """
+    if device_type == "cuda":
+        row_bytes = num_classes * torch.finfo(dtype).bits // 8
+        return max(CUDA_MIN_CHUNK_ROWS, CUDA_CHUNK_BYTES // row_bytes // 256 * 256)
     row_bytes = (num_classes + 2 * hidden_dim) * torch.finfo(dtype).bits // 8
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes // 32 * 32)
 
@@ -91,7 +120,9 @@ class Problem:
         self.count = int(counted.sum())
         # Positions of the counted tokens, or None when all count and chunks can be plain views.
         self.index = None if self.count == target.numel() else counted.nonzero().squeeze(1)
-        rows = chunk_size or auto_chunk_size(weight.shape[0], weight.shape[1], hidden.dtype)
+        rows = chunk_size or auto_chunk_size(
+            weight.shape[0], weight.shape[1], hidden.dtype, hidden.device.type
+        )
         self.rows = max(1, min(rows, self.count))
 
     def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
@@ -188,6 +219,76 @@ class _Gradients:
         return tuple(self.problem.hidden.new_empty(0) if g is None else g for g in grads)
 
 
+def triton_loss_and_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    ce_scale: float | Tensor | None,
+    z_scale: float | Tensor = 1.0,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`xentkit.kernels.chunked.loss_and_grad` (same arguments, same results) by one
+    launch of the Triton row kernel :func:`xentkit.kernels.triton._cross_entropy_kernel`:
+    one program per row computes its log-sum-exp and loss terms, then writes its gradient
+    into ``out`` (which may be ``logits`` itself: each block is read before it is written).
+
+    A per-row ``ce_scale`` ``(m,)`` (the backward of ``reduction="none"``) must be the
+    ``z_scale`` too, or ``z_loss`` 0: the kernel scales by two scalars, so the gradient of
+    ``ce + z`` is written and then multiplied row by row. Needs CUDA tensors, or CPU tensors
+    under ``TRITON_INTERPRET=1``.
+    """
+    from xentkit.kernels import triton as kernels
+
+    num_rows, num_classes = logits.shape
+    acc = reference.accumulation_dtype(logits.dtype)
+    one = torch.ones((), dtype=acc, device=logits.device)
+    per_row = isinstance(ce_scale, Tensor) and ce_scale.dim() > 0
+    if per_row and z_loss and z_scale is not ce_scale:
+        raise ValueError("a per-row ce_scale must also be the z_scale when z_loss is set")
+    kernels._check_device(logits, target, weight)
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    target = target.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    # The kernel's constants (scales, total class weight, options) in the order it loads them,
+    # with the reduction's scales replaced by this call's.
+    consts = kernels._constants("sum", one, one, weight, num_classes, label_smoothing, z_loss,
+                                softcap)  # fmt: skip
+    if ce_scale is not None and not per_row:
+        consts[kernels._CE_SCALE.value] = one * ce_scale
+        consts[kernels._Z_SCALE.value] = one * z_scale
+    ce = torch.empty(num_rows, dtype=acc, device=logits.device)
+    z = torch.empty_like(ce)
+    grad = None
+    if ce_scale is not None:
+        grad = torch.empty_like(logits) if out is None else out
+    if num_rows and num_classes:
+        block, warps = kernels._ce_block(num_classes)
+        dest = logits if grad is None else grad
+        kernels._cross_entropy_kernel[(num_rows,)](
+            logits, logits.stride(0), dest, dest.stride(0), target, weight, consts, ce, z,
+            num_classes, ignore_index, kernels._TL[acc], weight is not None,
+            label_smoothing > 0, z_loss > 0, softcap is not None, grad is not None, block,
+            num_warps=warps,
+        )  # fmt: skip
+    else:
+        ce.zero_()
+        z.zero_()
+    if per_row and grad is not None:
+        grad.mul_(ce_scale.to(acc).unsqueeze(1))
+    return ce, z, grad
+
+
+def _row_kernel(logits: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor | None]]:
+    """The row pass of a chunk (:func:`triton_loss_and_grad` or
+    :func:`xentkit.kernels.chunked.loss_and_grad`), by :data:`ROW_KERNEL` or the device."""
+    name = ROW_KERNEL or ("triton" if logits.is_cuda and _TRITON_INSTALLED else "chunked")
+    return triton_loss_and_grad if name == "triton" else loss_and_grad
+
+
 def _forward(
     problem: Problem, reduction: str, needs: tuple[bool, bool, bool]
 ) -> tuple[Tensor, _Gradients]:
@@ -202,7 +303,7 @@ def _forward(
     buffer = problem.buffer()
     for where, hidden, target in problem.chunks():
         logits = problem.logits(hidden, buffer)
-        ce, z, grad = loss_and_grad(
+        ce, z, grad = _row_kernel(logits)(
             logits,
             target,
             problem.class_weight,
@@ -255,7 +356,7 @@ def _backward_per_token(
     def chunk_grad(where: slice | Tensor, logits: Tensor, target: Tensor) -> Tensor:
         scale = grad_output[where]
         options = (problem.class_weight, *problem.options)
-        _, _, grad = loss_and_grad(
+        _, _, grad = _row_kernel(logits)(
             logits, target, *options, ce_scale=scale, z_scale=scale, out=logits
         )
         return grad
