@@ -95,12 +95,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xentkit import _autocast, _checks
+from xentkit.kernels import row_stats
+from xentkit.kernels.linear_log_probs import HeadOutputs, Outputs, Transform
 from xentkit.reference import REDUCTIONS, accumulation_dtype, logsumexp
 
 __all__ = [
     "dtensor_cross_entropy",
     "dtensor_linear_cross_entropy",
     "linear_cross_entropy",
+    "linear_head_outputs",
     "vocab_parallel_cross_entropy",
 ]
 
@@ -112,7 +115,7 @@ CHUNK_ELEMENTS = 1 << 22
 _FIELDS = (
     "error", "rows", "shard", "dim", "dtype", "vocab_start", "target_hash", "target_min",
     "target_max", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap",
-    "weight_len", "weight_hash", "backward", "chunk_size",
+    "weight_len", "weight_hash", "backward", "chunk_size", "temperature", "logit_scale",
 )  # fmt: skip
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Fields that must be equal on every rank, with what they mean to the user.
@@ -130,6 +133,8 @@ _SAME = {
     "weight_hash": "class_weight values: the same (V,) vector on every rank",
     "backward": "whether the hidden states require grad (the backward pass has a collective)",
     "chunk_size": "chunk_size: every rank must run the same number of chunks",
+    "temperature": "temperature",
+    "logit_scale": "logit_scale",
 }
 
 
@@ -191,8 +196,10 @@ def _report(
     options: tuple[int, str, float, float, float | None],
     backward: int = 0,
     chunk_size: int | None = None,
+    transform: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, int]:
-    """This rank's inputs, summarised in integers."""
+    """This rank's inputs, summarised in integers (``transform``: the temperature and logit
+    scale of :func:`linear_head_outputs`, 0 for the losses)."""
     ignore_index, reduction, label_smoothing, z_loss, softcap = options
     flat = target.reshape(-1)
     counted = flat[flat != ignore_index]
@@ -221,6 +228,8 @@ def _report(
         "weight_hash": weight_hash,
         "backward": backward,
         "chunk_size": chunk_size or 0,
+        "temperature": _float_bits(transform[0]),
+        "logit_scale": _float_bits(transform[1]),
     }
 
 
@@ -807,6 +816,177 @@ def _linear(
         hidden, weight, bias, labels, class_weight, plan, needs
     )
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# ---------------------------------------------------------------- per-token head outputs
+
+
+def _gather_row_stats(stats: row_stats.RowStats, plan: _Plan) -> row_stats.RowStats:
+    """Every rank's statistics of its slice, stacked in rank order (one ``all_gather``): the
+    blocks :func:`row_stats.merge` takes. The argmax travels as a float (exact below 2^24)."""
+    fields = [(i, f) for i, f in enumerate(stats) if f is not None]
+    local = torch.stack([f.to(stats.sum_exp.dtype) for _, f in fields], dim=-1)
+    parts = [torch.empty_like(local) for _ in range(plan.world_size)]
+    dist.all_gather(parts, local.contiguous(), group=plan.group)
+    every = torch.stack(parts)  # (R, rows, k)
+    values: list[Tensor | None] = [None] * len(stats)
+    for column, (i, _) in enumerate(fields):
+        values[i] = every[..., column]
+    argmax = stats._fields.index("argmax")
+    if values[argmax] is not None:
+        values[argmax] = values[argmax].long()
+    return row_stats.RowStats(*values)
+
+
+class _VocabParallelHeadOutputs(torch.autograd.Function):
+    """:func:`xentkit.linear_head_outputs` over vocabulary slices of the head, chunked over
+    tokens: each rank's :class:`~xentkit.kernels.row_stats.RowStats` of its slice, one
+    ``all_gather`` per chunk, :func:`~xentkit.kernels.row_stats.merge`; backward recomputes each
+    chunk's logits from the saved log-sum-exp and entropy (no collective but the hidden states'
+    ``all_reduce``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, plan: _Plan, transform, outputs, needs):
+        dtype = accumulation_dtype(hidden.dtype)
+        rows_all = _targets(target, None, plan, weight.shape[0], dtype)
+        zeros = torch.zeros(target.shape[0], dtype=dtype, device=hidden.device)
+        log_prob, lse_all, entropy, log_sum_sq, mean = (zeros.clone() for _ in range(5))
+        top1 = torch.zeros(target.shape[0], dtype=torch.bool, device=hidden.device)
+        for chunk, rows in _chunks(rows_all, plan.chunk_size):
+            s, _ = transform.apply(F.linear(hidden[chunk], weight, bias))
+            stats = row_stats.block(
+                s, rows.local, owned=rows.owned, offset=plan.vocab_start,
+                entropy=outputs.entropy, sum_sq=outputs.log_sum_sq_probs,
+                sum_x=outputs.mean_logits, argmax=outputs.is_top1,
+            )  # fmt: skip
+            merged = row_stats.merge(_gather_row_stats(stats, plan))
+            done = row_stats.finish(merged)
+            kept = rows.counted
+            log_prob[chunk] = torch.where(kept, done.log_prob, 0.0)
+            lse_all[chunk] = done.lse
+            if outputs.entropy:
+                entropy[chunk] = torch.where(kept, done.entropy, 0.0)
+            if outputs.log_sum_sq_probs:
+                log_sum_sq[chunk] = torch.where(kept, done.log_sum_sq_probs, 0.0)
+            if outputs.mean_logits:
+                mean[chunk] = torch.where(kept, merged.sum_x / plan.num_classes, 0.0)
+            if outputs.is_top1:
+                global_target = rows.local + plan.vocab_start  # valid where owned
+                hit = merged.argmax == torch.where(rows.owned, global_target, -1)
+                # Only the owner knows the target's id; an all-reduce-free "any rank" via max.
+                top1[chunk] = kept & _any_rank(hit, plan)
+        ctx.save_for_backward(hidden, weight, bias, lse_all, entropy)
+        ctx.plan, ctx.transform, ctx.rows, ctx.needs = plan, transform, rows_all, needs
+        ctx.return_entropy = outputs.entropy
+        ctx.mark_non_differentiable(lse_all, log_sum_sq, mean, top1)
+        return log_prob, entropy, log_sum_sq, mean, top1
+
+    @staticmethod
+    def backward(ctx, grad_log_prob, grad_entropy, *_):
+        hidden, weight, bias, lse_all, entropy = ctx.saved_tensors
+        plan, rows_all, dtype = ctx.plan, ctx.rows, lse_all.dtype
+        grads = _grad_buffers(hidden, weight, ctx.needs, dtype)
+        zero = torch.zeros((), dtype=dtype, device=lse_all.device)
+        a_all = torch.where(rows_all.counted, grad_log_prob.to(dtype), zero)
+        b_all = None
+        if ctx.return_entropy and grad_entropy is not None:
+            b_all = torch.where(rows_all.counted, grad_entropy.to(dtype), zero)
+        for chunk, rows in _chunks(rows_all, plan.chunk_size):
+            s, tanh = ctx.transform.apply(F.linear(hidden[chunk], weight, bias))
+            b = None if b_all is None else b_all[chunk]
+            d = row_stats.log_prob_grad(
+                s, lse_all[chunk], a_all[chunk], b, entropy[chunk], rows.local, rows.owned
+            )
+            d = ctx.transform.chain(d, tanh)
+            _accumulate(grads, d.to(hidden.dtype), hidden[chunk], weight, chunk)
+        gh, gw, gb = grads
+        if gh is not None and gh.shape[0]:
+            dist.all_reduce(gh, group=plan.group)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(weight.dtype)
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _any_rank(flag: Tensor, plan: _Plan) -> Tensor:
+    """``flag`` OR-ed over the ranks (one ``all_reduce`` of a byte per row)."""
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=plan.group)
+    return value.bool()
+
+
+def linear_head_outputs(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    outputs: tuple[str, ...] = ("entropy",),
+    ignore_index: int | None = -100,
+    chunk_size: int | None = None,
+    group=None,
+) -> HeadOutputs:
+    r""":func:`xentkit.functional.linear_head_outputs` (and so :func:`xentkit.linear_log_probs`)
+    with the head's rows split over the ranks of ``group``, as :func:`linear_cross_entropy`:
+    each rank reduces its slice of every row to the statistics of
+    :mod:`xentkit.kernels.row_stats`, one ``all_gather`` per chunk of tokens merges them (one
+    more ``all_reduce`` of a flag per row for ``is_top1``), backward runs one ``all_reduce`` of
+    the hidden states' gradient. Values and gradients equal the single-process call on the
+    full head; ``input`` and ``target`` are the same on every rank.
+    """
+    from xentkit.functional import HEAD_OUTPUTS
+    from xentkit.kernels.linear_log_probs import NO_IGNORE
+
+    if _is_dtensor_arg(input, weight, target, bias):
+        raise NotImplementedError(
+            "linear_log_probs / linear_head_outputs do not take DTensor arguments yet: pass the "
+            "local shard (weight.to_local(), bias.to_local()) with process_group= the group of "
+            "the mesh dim that splits the vocabulary (mesh.get_group(dim))."
+        )
+    out_dtype = _autocast.loss_dtype(input)
+    input, weight, bias = _autocast.lower(input, weight, bias)
+    ignore = NO_IGNORE if ignore_index is None else ignore_index
+    options = (ignore, "none", 0.0, 0.0, softcap)
+    rank, world_size = _rank(group)
+    grad_on = torch.is_grad_enabled()
+
+    def check() -> None:
+        _checks.check_linear(input, weight, target, bias)
+        if input.dtype not in _DTYPES:
+            raise ValueError(f"input must be float16/bfloat16/float32/float64, got {input.dtype}.")
+
+    def report() -> dict[str, int]:
+        backward = int(grad_on and input.requires_grad)
+        shard, dim = weight.shape[0], input.shape[-1]
+        return _report(
+            target, shard, dim, input.dtype, None, None, options, backward, chunk_size,
+            (temperature, logit_scale),
+        )  # fmt: skip
+
+    reports = _agree(check, report, group, rank, world_size, input.device)
+    plan = _plan(reports, rank, world_size, group, options, chunk_size)
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (input, weight, bias))
+    hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
+    wanted = Outputs(*(field in outputs for field in HEAD_OUTPUTS))
+    transform = Transform(temperature, logit_scale, softcap)
+    results = _VocabParallelHeadOutputs.apply(
+        hidden, weight, bias, labels, plan, transform, wanted, needs
+    )
+    shaped = [
+        value.reshape(target.shape).to(torch.bool if value.dtype == torch.bool else out_dtype)
+        for value in results
+    ]
+    return HeadOutputs(
+        shaped[0], *(v if on else None for v, on in zip(shaped[1:], wanted, strict=True))
+    )
+
+
+def _is_dtensor_arg(*tensors: Tensor | None) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 # ---------------------------------------------------------------- DTensor arguments

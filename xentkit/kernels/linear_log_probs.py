@@ -81,9 +81,23 @@ class Outputs(NamedTuple):
     is_top1: bool = False
 
 
-def _forward(problem: Problem, transform: Transform, outputs: Outputs) -> list[Tensor]:
+def _rows(triton_rows: bool):
+    """The row passes of a chunk: :func:`row_stats.block` and :func:`row_stats.log_prob_grad`
+    in torch ops, or their Triton kernels (one program per row, on CUDA; the matrix products
+    stay cuBLAS's)."""
+    if triton_rows:
+        from xentkit.kernels import triton as kernels
+
+        return kernels.row_stats_block, kernels.log_prob_grad
+    return row_stats.block, row_stats.log_prob_grad
+
+
+def _forward(
+    problem: Problem, transform: Transform, outputs: Outputs, triton_rows: bool
+) -> list[Tensor]:
     """``[log p_t, lse, entropy, log sum p^2, mean logit, is_top1]`` per token (0 / False where
     ignored; an empty tensor for an output not asked for)."""
+    block, _ = _rows(triton_rows)
     rows = problem.target.shape[0]
     zeros = problem.hidden.new_zeros(rows, dtype=problem.acc)
     results = [zeros, zeros.clone()]
@@ -95,7 +109,7 @@ def _forward(problem: Problem, transform: Transform, outputs: Outputs) -> list[T
     buffer = problem.buffer()
     for where, hidden, target in problem.chunks():
         s, _ = transform.apply(problem.logits(hidden, buffer))
-        stats = row_stats.block(
+        stats = block(
             s,
             target,
             entropy=outputs.entropy,
@@ -124,8 +138,10 @@ def _backward(
     entropy: Tensor,
     transform: Transform,
     needs: tuple[bool, bool, bool],
+    triton_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_i a_i log p_{t_i} + b_i H_i`` (a missing ``a`` or ``b`` is 0)."""
+    _, log_prob_grad = _rows(triton_rows)
     a = torch.zeros_like(lse) if grad_log_prob is None else grad_log_prob.to(problem.acc)
     b = None if grad_entropy is None else grad_entropy.to(problem.acc)
 
@@ -133,7 +149,7 @@ def _backward(
         s, tanh = transform.apply(logits)
         b_rows = None if b is None else b[where]
         h_rows = None if b is None else entropy[where]
-        grad = row_stats.log_prob_grad(s, lse[where], a[where], b_rows, h_rows, target)
+        grad = log_prob_grad(s, lse[where], a[where], b_rows, h_rows, target)
         grad = transform.chain(grad, tanh)
         # The matrix products take the gradient in the input dtype.
         return grad if grad.dtype == logits.dtype else logits.copy_(grad)
@@ -163,13 +179,14 @@ def _log_probs_op(
     ignore_index: int,
     outputs: list[bool],
     chunk_size: int | None,
+    triton_rows: bool,
 ) -> list[Tensor]:
     """``[log p_t, lse, entropy, log sum p^2, mean logit, is_top1]`` per token (see
     :func:`_forward`); ``lse`` is kept for the backward. ``transform`` is ``(T, scale,
     softcap or 0)``. One opaque op, so that ``torch.compile`` of a caller neither unrolls nor
     re-traces the chunk loop."""
     problem = _problem(hidden, weight, target, bias, ignore_index, chunk_size)
-    return _forward(problem, _transform(transform), Outputs(*outputs))
+    return _forward(problem, _transform(transform), Outputs(*outputs), triton_rows)
 
 
 def _transform(values: list[float]) -> Transform:
@@ -178,7 +195,7 @@ def _transform(values: list[float]) -> Transform:
 
 
 @_log_probs_op.register_fake
-def _(hidden, weight, target, bias, transform, ignore_index, outputs, chunk_size):
+def _(hidden, weight, target, bias, transform, ignore_index, outputs, chunk_size, triton_rows):
     acc = reference.accumulation_dtype(hidden.dtype)
     rows = target.shape[0]
     results = [hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows, dtype=acc)]
@@ -201,17 +218,18 @@ def _log_probs_backward_op(
     ignore_index: int,
     chunk_size: int | None,
     needs: list[bool],
+    triton_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients asked for by ``needs`` (hidden, weight, bias) in the parameters' dtypes,
     an empty tensor for each other one."""
     problem = _problem(hidden, weight, target, bias, ignore_index, chunk_size)
     grads = (grad_log_prob, grad_entropy, lse, entropy)
-    return _backward(problem, *grads, _transform(transform), tuple(needs))
+    return _backward(problem, *grads, _transform(transform), tuple(needs), triton_rows)
 
 
 @_log_probs_backward_op.register_fake
 def _(grad_log_prob, grad_entropy, hidden, weight, target, bias, *options):
-    needs = options[-1]
+    needs = options[-2]
     params = (hidden, weight, bias)
     return tuple(
         torch.empty_like(p, memory_format=torch.contiguous_format) if need else hidden.new_empty(0)
@@ -220,8 +238,8 @@ def _(grad_log_prob, grad_entropy, hidden, weight, target, bias, *options):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, bias, transform, ignore_index, outputs, chunk_size = inputs
-    ctx.options = (transform, ignore_index, chunk_size)
+    hidden, weight, target, bias, transform, ignore_index, outputs, chunk_size, triton_rows = inputs
+    ctx.options = (transform, ignore_index, chunk_size, triton_rows)
     ctx.return_entropy = outputs[0]
     _, lse, entropy, *statistics = output
     # Saved through autograd so that a backward which reads the inputs again notices in-place
@@ -238,15 +256,15 @@ def _autograd_backward(ctx, grads: list[Tensor | None]):
     none = (None,) * 4
     needs = [ctx.needs_input_grad[i] for i in (0, 1, 3)]
     if (grad_log_prob is None and grad_entropy is None) or not any(needs):
-        return None, None, None, None, *none
+        return None, None, None, None, *none, None
     hidden, weight, target, bias, lse, entropy = ctx.saved_tensors
-    transform, ignore_index, chunk_size = ctx.options
+    transform, ignore_index, chunk_size, triton_rows = ctx.options
     grads = _log_probs_backward_op(
         grad_log_prob, grad_entropy, hidden, weight, target, bias, lse, entropy,
-        transform, ignore_index, chunk_size, needs,
+        transform, ignore_index, chunk_size, needs, triton_rows,
     )  # fmt: skip
     gh, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=True))
-    return gh, gw, None, gb, *none
+    return gh, gw, None, gb, *none, None
 
 
 _log_probs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -271,6 +289,7 @@ def head_outputs(
     ignore_index: int,
     outputs: Outputs,
     chunk_size: int | None,
+    triton_rows: bool = False,
 ) -> HeadOutputs:
     r"""The LM head's per-token outputs over token chunks, never building the logits:
 
@@ -290,6 +309,7 @@ def head_outputs(
         ignore_index: targets whose outputs (and gradients) are 0 (False for ``is_top1``).
         outputs: which optional outputs to compute (:class:`Outputs`).
         chunk_size: tokens per chunk; :func:`~.linear_chunked.auto_chunk_size` when None.
+        triton_rows: run the row passes as Triton kernels (CUDA, or ``TRITON_INTERPRET=1``).
     Returns:
         :class:`HeadOutputs` of ``(M,)`` tensors in float32 (float64 for float64 input).
 
@@ -302,8 +322,9 @@ def head_outputs(
     """
     values = [transform.temperature, transform.logit_scale, transform.softcap or 0.0]
     log_prob, _, entropy, log_sum_sq, mean, top1 = _log_probs_op(
-        hidden, weight, target, bias, values, ignore_index, list(outputs), chunk_size
-    )
+        hidden, weight, target, bias, values, ignore_index, list(outputs), chunk_size,
+        triton_rows,
+    )  # fmt: skip
     return HeadOutputs(
         log_prob,
         entropy if outputs.entropy else None,

@@ -835,3 +835,163 @@ def linear_cross_entropy(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
         z_loss, softcap, filter_eps,
     )[0]  # fmt: skip
+
+
+# ---------------------------------------------------------------- per-row statistics
+# The Triton transcription of xentkit.kernels.row_stats: a block's statistics and the merge of
+# two blocks, used by the head-output row kernels below (tests hold them to row_stats).
+
+
+@triton.jit
+def _shift(m):
+    """:func:`xentkit.kernels.row_stats.shift`: the maximum, 0 where it is -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _block_stats(x, AXIS: tl.constexpr):
+    """:func:`xentkit.kernels.row_stats.block` of logits ``x`` (-inf where masked) along
+    ``AXIS``: the maximum ``m``, ``S``, ``X`` (relative to the shift) and ``Q``."""
+    m = tl.max(x, AXIS)
+    shifted = x - tl.expand_dims(_shift(m), AXIS)
+    e = tl.exp(shifted)
+    floored = tl.maximum(shifted, -1e4)  # reference.LOG_PROB_FLOOR: 0 * -inf would be NaN
+    return m, tl.sum(e, AXIS), tl.sum(e * floored, AXIS), tl.sum(e * e, AXIS)
+
+
+@triton.jit
+def _merge(m_a, s_a, x_a, q_a, m_b, s_b, x_b, q_b):
+    """:func:`xentkit.kernels.row_stats.merge` of block ``a`` and the next block ``b``."""
+    m = tl.maximum(m_a, m_b)
+    new = _shift(m)
+    scale_a = tl.where(m_a == float("-inf"), 0.0, tl.exp(_shift(m_a) - new))
+    scale_b = tl.where(m_b == float("-inf"), 0.0, tl.exp(_shift(m_b) - new))
+    s = s_a * scale_a + s_b * scale_b
+    x = scale_a * (x_a + s_a * (_shift(m_a) - new)) + scale_b * (x_b + s_b * (_shift(m_b) - new))
+    q = q_a * scale_a * scale_a + q_b * scale_b * scale_b
+    return m, s, x, q
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr,
+    x_stride,
+    target_ptr,
+    out_ptr,
+    num_classes,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One row of ``(m, V)`` logits: writes ``(max, S, t, X, Q, L, argmax)`` of
+    :class:`xentkit.kernels.row_stats.RowStats` (the argmax as a float) into ``out[:, row]``."""
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr += row * x_stride
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    xx = tl.zeros((), ACC)
+    q = tl.zeros((), ACC)
+    total = tl.zeros((), ACC)
+    best = tl.zeros((), tl.int64)
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < num_classes
+        x = tl.load(x_ptr + cols, mask=mask, other=float("-inf")).to(ACC)
+        m_b, s_b, x_b, q_b = _block_stats(x, 0)
+        # The first maximum: a later block wins only with a strictly larger maximum.
+        first = start + tl.argmax(x, 0, tie_break_left=True).to(tl.int64)
+        best = tl.where(m_b > m, first, best)
+        total += tl.sum(tl.where(mask, x, 0.0), 0)
+        m, s, xx, q = _merge(m, s, xx, q, m_b, s_b, x_b, q_b)
+    target = tl.load(target_ptr + row)
+    picked = tl.load(x_ptr + target).to(ACC)
+    rows = tl.num_programs(0).to(tl.int64)
+    tl.store(out_ptr + row, m)
+    tl.store(out_ptr + rows + row, s)
+    tl.store(out_ptr + 2 * rows + row, picked)
+    tl.store(out_ptr + 3 * rows + row, xx)
+    tl.store(out_ptr + 4 * rows + row, q)
+    tl.store(out_ptr + 5 * rows + row, total)
+    tl.store(out_ptr + 6 * rows + row, best.to(ACC))
+
+
+@triton.jit
+def _log_prob_grad_kernel(
+    x_ptr,
+    x_stride,
+    target_ptr,
+    lse_ptr,
+    a_ptr,
+    b_ptr,
+    entropy_ptr,
+    num_classes,
+    ACC: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """:func:`xentkit.kernels.row_stats.log_prob_grad` of one row, written over its logits:
+    :math:`a([j = t] - p_j) - b\\,p_j(\\log p_j + H)`."""
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr += row * x_stride
+    target = tl.load(target_ptr + row)
+    lse = tl.load(lse_ptr + row).to(ACC)
+    a = tl.load(a_ptr + row).to(ACC)
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < num_classes
+        log_p = tl.load(x_ptr + cols, mask=mask, other=0.0).to(ACC) - lse
+        p = tl.exp(log_p)
+        if HAS_B:
+            b = tl.load(b_ptr + row).to(ACC)
+            h = tl.load(entropy_ptr + row).to(ACC)
+            grad = -p * (a + b * (tl.maximum(log_p, -1e4) + h))
+        else:
+            grad = -a * p
+        grad += tl.where(cols == target, a, 0.0)
+        tl.store(x_ptr + cols, grad.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def row_stats_block(x: Tensor, target: Tensor, **asked: bool):
+    """:func:`xentkit.kernels.row_stats.block` of a whole ``(m, V)`` chunk of logits (every
+    row's target in range), one program per row; the fields not ``asked`` for are None."""
+    from xentkit.kernels import row_stats
+
+    _check_device(x, target)
+    x = x.contiguous()
+    rows, num_classes = x.shape
+    out = x.new_empty(7, rows)
+    if rows:
+        block, warps = _ce_block(num_classes)
+        _row_stats_kernel[(rows,)](
+            x, x.stride(0), target, out, num_classes,
+            ACC=_TL[x.dtype], BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    m, s, t, xx, q, total, best = out
+    return row_stats.RowStats(
+        m, s, t,
+        xx if asked.get("entropy") else None,
+        q if asked.get("sum_sq") else None,
+        total if asked.get("sum_x") else None,
+        best.long() if asked.get("argmax") else None,
+    )  # fmt: skip
+
+
+def log_prob_grad(
+    x: Tensor,
+    lse: Tensor,
+    a: Tensor,
+    b: Tensor | None = None,
+    entropy: Tensor | None = None,
+    target: Tensor | None = None,
+) -> Tensor:
+    """:func:`xentkit.kernels.row_stats.log_prob_grad` over a contiguous ``(m, V)`` chunk,
+    written over ``x``."""
+    _check_device(x, lse, a, b, entropy, target)
+    rows, num_classes = x.shape
+    if rows:
+        block, warps = _ce_block(num_classes)
+        has_b = b is not None
+        _log_prob_grad_kernel[(rows,)](
+            x, x.stride(0), target, lse, a, b if has_b else a, entropy if has_b else a,
+            num_classes, ACC=_TL[x.dtype], HAS_B=has_b, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return x
