@@ -23,6 +23,7 @@ from torch import Tensor
 
 from xentkit import _autocast, _checks, reference
 from xentkit._layout import to_rows
+from xentkit.kernels import row_stats
 
 BACKENDS = ("reference", "chunked", "triton")
 
@@ -209,7 +210,8 @@ def cross_entropy(
     softcap: float | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, reference.LossStats]:
     r"""Cross entropy between logits and class-index or class-probability targets.
 
     .. math:: \ell_n = -\sum_c w_c\, y_{n,c} \log \frac{e^{x_{n,c}}}{\sum_j e^{x_{n,j}}}
@@ -231,15 +233,24 @@ def cross_entropy(
         backend: ``"reference"``, ``"chunked"`` or ``"triton"``; None picks by device.
         inplace_backward: lets a fused backend write the gradient into ``input``'s storage
             (its values are destroyed); ignored by the reference backend.
+        return_stats: also return :class:`~xentkit.reference.LossStats` (index targets):
+            ``z_loss`` (the z-loss part of the loss, same reduction), ``accuracy`` (counted
+            positions whose argmax is the target), ``lse`` (per position, 0 where ignored) and
+            ``entropy`` (mean over counted positions), detached, from one more read of the
+            logits before the kernel runs (no gradient, no extra ``N x C`` memory).
     Returns:
         the target's shape (index) or the input's shape without classes (probabilities) for
-        ``reduction="none"``, else a scalar; in the input's dtype.
+        ``reduction="none"``, else a scalar; in the input's dtype. ``(loss, stats)`` with
+        ``return_stats``.
 
     Example:
         >>> import torch, xentkit
         >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
         >>> xentkit.cross_entropy(logits, torch.tensor([2, 1]))
         tensor(0.3306)
+        >>> loss, stats = xentkit.cross_entropy(logits, torch.tensor([2, 0]), return_stats=True)
+        >>> stats.accuracy, stats.lse, stats.entropy
+        (tensor(0.5000), tensor([2.4644, 3.1967]), tensor(0.7468))
 
     See also :func:`nll_loss`, :func:`linear_cross_entropy`, :func:`xentkit.explain`.
     """
@@ -249,6 +260,12 @@ def cross_entropy(
     if _is_dtensor(input, target, weight):
         from xentkit import distributed
 
+        if return_stats:
+            raise NotImplementedError(
+                "return_stats is not supported for DTensor logits yet: call "
+                "xentkit.distributed.vocab_parallel_cross_entropy(logits.to_local(), target, "
+                "group=..., return_stats=True) on the local shard."
+            )
         return distributed.dtensor_cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
         )
@@ -257,6 +274,11 @@ def cross_entropy(
     _checks.check_options(label_smoothing, z_loss, softcap)
     out_dtype = input.dtype
     if target.shape == input.shape:
+        if return_stats:
+            raise ValueError(
+                "return_stats needs class-index targets (accuracy and the counted positions "
+                "are defined by a target class); got probability targets of the input's shape."
+            )
         _checks.check_probability_target(input, target, ignore_index)
         # probability targets promote like torch's elementwise product: input * target * weight
         _checks.check_class_weight(weight, input.shape[cdim], None)
@@ -269,12 +291,27 @@ def cross_entropy(
     rows = to_rows(input, target, cdim)
     options = (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     name = resolve_backend(backend, "cross_entropy", input.device, weight, rows.target)
+    stats = None
+    if return_stats:  # read before an in-place kernel writes the gradient over the logits
+        triton_rows = name == "triton"
+        per_row = row_stats.logits_loss_rows(
+            rows.input, rows.target, ignore_index, softcap, triton_rows
+        )
+        stats = _shaped_stats(reference.loss_stats(*per_row, z_loss, reduction), rows.shape)
     # No classes: nothing for a fused kernel to do (index targets: every one is ignored).
     if name == "reference" or (rows.target.is_floating_point() and not rows.input.shape[-1]):
         loss = reference.cross_entropy(rows.input, rows.target, *options)
     else:
         loss = kernel(name, "cross_entropy")(rows.input, rows.target, *options, inplace_backward)
-    return _finish(loss, reduction, rows.shape, out_dtype)
+    loss = _finish(loss, reduction, rows.shape, out_dtype)
+    return loss if stats is None else (loss, stats)
+
+
+def _shaped_stats(stats: reference.LossStats, shape: tuple[int, ...]) -> reference.LossStats:
+    """Per-position statistics (``lse``; ``z_loss`` for ``reduction="none"``) in the target's
+    shape."""
+    z = stats.z_loss.reshape(shape) if stats.z_loss.dim() else stats.z_loss
+    return stats._replace(lse=stats.lse.reshape(shape), z_loss=z)
 
 
 def binary_cross_entropy(
@@ -364,7 +401,8 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     process_group=None,
     backend: str | None = None,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, reference.LossStats]:
     r"""The LM head and the loss in one op: ``cross_entropy(input @ weight.T + bias, target)``.
 
     .. math:: \ell_n = -\log \mathrm{softmax}(W h_n + b)_{t_n}
@@ -378,8 +416,12 @@ def linear_cross_entropy(
             :func:`cross_entropy`.
         chunk_size: tokens per chunk for the fused backends (chosen from V and D when None).
         process_group: a ``torch.distributed`` group holding vocabulary shards of ``weight``.
+        return_stats: also return :class:`~xentkit.reference.LossStats` as
+            :func:`cross_entropy` does, computed from each chunk of logits in the same pass
+            (no extra matrix product).
     Returns:
-        the target's shape for ``reduction="none"``, else a scalar.
+        the target's shape for ``reduction="none"``, else a scalar; ``(loss, stats)`` with
+        ``return_stats``.
 
     Example:
         >>> import torch, xentkit
@@ -390,9 +432,13 @@ def linear_cross_entropy(
     See also :func:`cross_entropy`, :class:`xentkit.nn.LinearCrossEntropyLoss`.
     """
     args = (input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing)
-    loss = _linear_cross_entropy(*args, z_loss, softcap, chunk_size, process_group, backend)
+    options = (z_loss, softcap, chunk_size, process_group, backend)
+    loss = _linear_cross_entropy(*args, *options, return_stats=return_stats)
     # Under autocast the head runs in the autocast dtype and the loss, like F.cross_entropy's,
     # comes back in float32.
+    if return_stats:
+        loss, stats = loss
+        return loss.to(_autocast.loss_dtype(input)), stats
     return loss.to(_autocast.loss_dtype(input))
 
 
@@ -410,7 +456,8 @@ def _linear_cross_entropy(
     chunk_size: int | None,
     process_group,
     backend: str | None,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, reference.LossStats]:
     """:func:`linear_cross_entropy` with the loss left in the accumulation dtype (float32,
     float64 for float64 input), as ``transformers`` computes its loss from upcast logits."""
     options = (class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
@@ -440,12 +487,23 @@ def _linear_cross_entropy(
     )
     _checks.check_target_range(labels, weight.shape[0], ignore_index)
     name = resolve_backend(backend, "linear_cross_entropy", input.device, class_weight)
+    per_row = None
     if name == "reference":
-        loss = reference.cross_entropy(F.linear(hidden, weight, bias), labels, *options)
+        logits = F.linear(hidden, weight, bias)
+        if return_stats:
+            per_row = reference.logits_stats(logits, labels, ignore_index, softcap)
+        loss = reference.cross_entropy(logits, labels, *options)
+    elif return_stats:
+        fused = kernel(name, "linear_cross_entropy")
+        loss, per_row = fused(hidden, weight, labels, bias, *options, chunk_size, stats=True)
+        per_row = (*per_row, labels != ignore_index)
     else:
         fused = kernel(name, "linear_cross_entropy")
         loss = fused(hidden, weight, labels, bias, *options, chunk_size)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    loss = loss.reshape(target.shape) if reduction == "none" else loss
+    if per_row is None:
+        return loss
+    return loss, _shaped_stats(reference.loss_stats(*per_row, z_loss, reduction), target.shape)
 
 
 def _is_dtensor(*tensors: Tensor | None) -> bool:

@@ -554,3 +554,54 @@ def distillation_loss(
         student_logits, teacher_logits, target, beta, temperature, hard_weight, ignore_index
     )
     return reduce(terms.loss, reduction, terms.counted.sum())
+
+
+class LossStats(NamedTuple):
+    """What ``return_stats=True`` returns beside the loss, all detached."""
+
+    z_loss: Tensor  # the z-loss part of the loss, with the loss's reduction
+    accuracy: Tensor  # () fraction of counted positions whose argmax is the target
+    lse: Tensor  # per position log-sum-exp of the logits (0 where ignored)
+    entropy: Tensor  # () mean entropy of the softmax over counted positions
+
+
+def loss_stats(
+    lse: Tensor,
+    entropy: Tensor,
+    is_top1: Tensor,
+    counted: Tensor,
+    z_loss: float,
+    reduction: str,
+) -> LossStats:
+    r""":class:`LossStats` from per-row log-sum-exp, entropy and top-1 hit (any values where
+    not ``counted``): the z-loss part :math:`z\,\mathrm{lse}^2` per counted row reduced as in
+    :func:`reduce_cross_entropy` (the mean over counted rows), accuracy and entropy averaged
+    over counted rows (NaN when none counts, as a mean over nothing).
+
+    Example:
+        >>> lse, entropy = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([0.5, 0.25, 1.0])
+        >>> hit, counted = torch.tensor([True, False, True]), torch.tensor([True, True, False])
+        >>> loss_stats(lse, entropy, hit, counted, 1e-2, "mean")  # doctest: +NORMALIZE_WHITESPACE
+        LossStats(z_loss=tensor(0.0250), accuracy=tensor(0.5000), lse=tensor([2., 1., 0.]),
+                  entropy=tensor(0.3750))
+    """
+    lse = torch.where(counted, lse, 0.0).detach()
+    z = z_loss * lse * lse
+    count = counted.sum()
+    z_part = reduce(z, reduction, count)
+    accuracy = (is_top1 & counted).sum() / count
+    mean_entropy = torch.where(counted, entropy, 0.0).sum() / count
+    return LossStats(z_part.detach(), accuracy.to(lse.dtype), lse, mean_entropy.detach())
+
+
+def logits_stats(
+    logits: Tensor, target: Tensor, ignore_index: int, softcap: float | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row of ``(M, C)`` logits (after the softcap): ``(lse, entropy, is_top1, counted)``,
+    the inputs of :func:`loss_stats`."""
+    x = apply_softcap(logits.detach().to(accumulation_dtype(logits.dtype)), softcap)
+    counted = target != ignore_index
+    log_probs, lse = log_softmax_and_lse(x)
+    entropy = -(torch.exp(log_probs) * log_probs.clamp_min(LOG_PROB_FLOOR)).sum(-1)
+    top1 = x.argmax(-1) == target if x.shape[-1] else torch.zeros_like(counted)
+    return lse, entropy, top1, counted

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
+from xentkit.kernels import row_stats
 from xentkit.kernels._fused_op import graph_is_kept
 from xentkit.kernels.chunked import loss_and_grad
 
@@ -289,10 +290,23 @@ def _row_kernel(logits: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor | 
     return triton_loss_and_grad if name == "triton" else loss_and_grad
 
 
+def _chunk_stats(problem: Problem, logits: Tensor, target: Tensor, where, per_row) -> None:
+    """Write one chunk's ``(lse, entropy, is_top1)`` into ``per_row`` at ``where``, from a
+    float32 copy of its (soft-capped) logits, by the chunk's row kernel's device."""
+    x = reference.apply_softcap(logits.to(problem.acc, copy=True), problem.options[3])
+    triton_rows = _row_kernel(logits) is triton_loss_and_grad
+    counted = torch.ones_like(target, dtype=torch.bool)  # a chunk holds counted tokens only
+    values = row_stats.loss_rows(x, target, counted, triton_rows)
+    for out, value in zip(per_row, values, strict=True):
+        out[where] = value
+
+
 def _forward(
-    problem: Problem, reduction: str, needs: tuple[bool, bool, bool]
-) -> tuple[Tensor, _Gradients]:
-    """The loss and, for the mean and the sum, the gradients of its unnormalised sum."""
+    problem: Problem, reduction: str, needs: tuple[bool, bool, bool], stats: bool = False
+) -> tuple[Tensor, _Gradients, list[Tensor]]:
+    """The loss, for the mean and the sum the gradients of its unnormalised sum, and with
+    ``stats`` each token's ``[lse, entropy, is_top1]`` (0 / False where ignored; read from each
+    chunk's logits before its row pass overwrites them: no extra matrix product)."""
     ce_denominator, z_denominator = problem.denominators(reduction)
     grads = _Gradients(problem, needs if reduction != "none" else (False, False, False))
     # Gradient of sum(ce_i + ratio * z_i); the backward multiplies by 1 / ce_denominator.
@@ -300,9 +314,17 @@ def _forward(
     zero = torch.zeros((), dtype=problem.acc, device=problem.hidden.device)
     losses = zero.new_zeros(problem.target.shape[0]) if reduction == "none" else None
     ce_total, z_total = zero, zero.clone()
+    rows = problem.target.shape[0] if stats else 0
+    per_row = [
+        zero.new_zeros(rows),
+        zero.new_zeros(rows),
+        torch.zeros_like(problem.target[:rows], dtype=torch.bool),
+    ]
     buffer = problem.buffer()
     for where, hidden, target in problem.chunks():
         logits = problem.logits(hidden, buffer)
+        if stats:
+            _chunk_stats(problem, logits, target, where, per_row)
         ce, z, grad = _row_kernel(logits)(
             logits,
             target,
@@ -320,9 +342,9 @@ def _forward(
         if grad is not None:
             grads.add(where, hidden, grad)
     if losses is not None:
-        return losses, grads
+        return losses, grads, per_row
     # A mean over no counted token is 0 / 0 = NaN, as in PyTorch.
-    return ce_total / ce_denominator + z_total / z_denominator, grads
+    return ce_total / ce_denominator + z_total / z_denominator, grads, per_row
 
 
 def backward_over_chunks(
@@ -378,30 +400,35 @@ def _linear_op(
     softcap: float | None,
     chunk_size: int | None,
     needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, unit, grad_hidden, grad_weight, grad_bias)``: for the mean and the sum the
-    gradients asked for by ``needs`` of the unnormalised sum (see the module docstring), which
-    the backward multiplies by ``grad_output * unit``; empty tensors for the others. One opaque
+    stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, unit, grad_hidden, grad_weight, grad_bias, lse, entropy, is_top1)``: for the
+    mean and the sum the gradients asked for by ``needs`` of the unnormalised sum (see the
+    module docstring), which the backward multiplies by ``grad_output * unit``; empty tensors
+    for the others; the per-token statistics with ``stats`` (else empty). One opaque
     op, so that a ``torch.compile`` of the caller neither unrolls nor re-traces the chunk loop
     (its length depends on how many tokens count)."""
     options = (ignore_index, label_smoothing, z_loss, softcap)
     problem = Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
-    loss, grads = _forward(problem, reduction, tuple(needs))
+    loss, grads, per_row = _forward(problem, reduction, tuple(needs), stats)
     denominator = problem.denominators(reduction)[0]
     # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
     unit = 1 / denominator if problem.count else torch.zeros_like(denominator)
-    return loss, unit, *grads.tensors()
+    return loss, unit, *grads.tensors(), *per_row
 
 
 @_linear_op.register_fake
 def _(hidden, weight, target, bias, class_weight, ignore_index, reduction, *options):
-    needs = options[-1]
+    needs, stats = options[-2:]
     acc = reference.accumulation_dtype(hidden.dtype)
     loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=acc)
     early = needs if reduction != "none" else (False, False, False)
     grads = _gradient_buffers(hidden, weight, early, zero_hidden=False)
     grads = tuple(hidden.new_empty(0) if g is None else g for g in grads)
-    return loss, hidden.new_empty((), dtype=acc), *grads
+    rows = target.shape[0] if stats else 0
+    per_row = (hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows, dtype=acc))
+    top1 = hidden.new_empty(rows, dtype=torch.bool)
+    return loss, hidden.new_empty((), dtype=acc), *grads, *per_row, top1
 
 
 @torch.library.custom_op("xentkit::linear_cross_entropy_backward", mutates_args=())
@@ -438,7 +465,7 @@ def _(grad_output, hidden, weight, target, bias, *options):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, bias, class_weight, *options, needs = inputs
+    hidden, weight, target, bias, class_weight, *options, needs, _stats = inputs
     ctx.reduction, ctx.needs = options[1], needs
     ctx.dtypes = tuple(None if p is None else p.dtype for p in (hidden, weight, bias))
     if ctx.reduction == "none":
@@ -448,13 +475,13 @@ def _setup_context(ctx, inputs, output) -> None:
         # in-place changes to them.
         ctx.save_for_backward(hidden, weight, target, bias, class_weight)
     else:
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output[1:5])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss: Tensor | None, *_unused):
-    none = (None,) * 8
+    none = (None,) * 9
     if grad_loss is None:
         return None, None, None, None, *none
     if ctx.reduction == "none":
@@ -489,7 +516,8 @@ def linear_cross_entropy(
     z_loss: float,
     softcap: float | None,
     chunk_size: int | None,
-) -> Tensor:
+    stats: bool = False,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     r"""Fused ``cross_entropy(hidden @ weight.T + bias, target)`` over token chunks.
 
     .. math:: \ell_i = (1-\varepsilon)\,w_{t_i}(\mathrm{lse}(z_i) - z_{i,t_i})
@@ -510,8 +538,11 @@ def linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`xentkit.cross_entropy`.
         chunk_size: tokens per chunk; :func:`auto_chunk_size` when None.
+        stats: also return each token's ``(lse, entropy, is_top1)`` (0 / False where ignored),
+            the inputs of :func:`xentkit.reference.loss_stats`.
     Returns:
         ``(M,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64 input).
+        ``(loss, (lse, entropy, is_top1))`` with ``stats``.
 
     Example:
         >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
@@ -522,4 +553,5 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
-    return _linear_op(hidden, weight, target, bias, class_weight, *options, needs)[0]
+    out = _linear_op(hidden, weight, target, bias, class_weight, *options, needs, stats)
+    return (out[0], tuple(out[5:])) if stats else out[0]

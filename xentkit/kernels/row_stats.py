@@ -204,3 +204,51 @@ def log_prob_grad(
         at_target = a if owned is None else torch.where(owned, a, 0.0)
         grad.scatter_add_(-1, target.unsqueeze(-1), at_target.unsqueeze(-1))
     return grad
+
+
+def loss_rows(x: Tensor, target: Tensor, counted: Tensor, triton_rows: bool = False):
+    """``(lse, entropy, is_top1)`` of each row of ``(m, V)`` logits ``x`` (in the accumulation
+    dtype, after any softcap): the per-row inputs of :func:`xentkit.reference.loss_stats`,
+    computed by :func:`block` (or its Triton kernel) and :func:`finish`."""
+    safe = torch.where(counted, target, 0)
+    if triton_rows:
+        from xentkit.kernels import triton as kernels
+
+        stats = kernels.row_stats_block(x, safe, entropy=True, argmax=True)
+    else:
+        stats = block(x, safe, entropy=True, argmax=True)
+    done = finish(stats)
+    return done.lse, done.entropy, stats.argmax == safe
+
+
+# Logits per chunk of rows when the statistics are read from logits that already exist.
+STATS_CHUNK_ELEMENTS = 1 << 22
+
+
+def logits_loss_rows(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    triton_rows: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`loss_rows` of existing ``(M, V)`` logits, chunk by chunk of rows (so that the
+    temporaries stay a few chunks' size), and the ``counted`` mask: one read of the logits, no
+    gradient."""
+    acc = reference.accumulation_dtype(logits.dtype)
+    counted = target != ignore_index
+    rows, num_classes = logits.shape
+    step = (
+        rows
+        if torch.compiler.is_compiling()
+        else max(1, STATS_CHUNK_ELEMENTS // max(1, num_classes))
+    )
+    parts = []
+    with torch.no_grad():
+        for start in range(0, max(rows, 1), step):
+            chunk = slice(start, start + step)
+            x = reference.apply_softcap(logits[chunk].to(acc), softcap)
+            if triton_rows:
+                x = x.contiguous()
+            parts.append(loss_rows(x, target[chunk], counted[chunk], triton_rows))
+    return (*(torch.cat(p) for p in zip(*parts, strict=True)), counted)
