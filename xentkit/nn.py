@@ -176,10 +176,73 @@ class LinearCrossEntropyLoss(_Loss):
         )
 
 
+class LinearDistillationLoss(nn.Module):
+    """Module form of :func:`xentkit.linear_distillation_loss`: ``forward(student_input,
+    student_weight, teacher_input, teacher_weight, target=None, student_bias=None,
+    teacher_bias=None)`` takes both heads' parameters (e.g. ``student.lm_head.weight`` and
+    ``teacher.lm_head.weight``) so that neither model's ``N x V`` logits are built; only the
+    student's tensors get gradients.
+
+    Example:
+        >>> import torch, xentkit
+        >>> h, w = torch.eye(2), torch.tensor([[1.0, 0.5], [0.5, 3.0], [2.0, 1.0]])
+        >>> loss_fn = xentkit.nn.LinearDistillationLoss(beta=0.5, temperature=2.0)
+        >>> loss_fn(h, w, h, torch.tensor([[2.0, 0.5], [0.5, 3.0], [1.0, 1.0]]))
+        tensor(0.0117)
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.0,
+        temperature: float = 1.0,
+        hard_weight: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.beta = beta
+        self.temperature = temperature
+        self.hard_weight = hard_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(
+        self,
+        student_input: Tensor,
+        student_weight: Tensor,
+        teacher_input: Tensor,
+        teacher_weight: Tensor,
+        target: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+    ) -> Tensor:
+        return F.linear_distillation_loss(
+            student_input,
+            student_weight,
+            teacher_input,
+            teacher_weight,
+            target,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            beta=self.beta,
+            temperature=self.temperature,
+            hard_weight=self.hard_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "LinearDistillationLoss",
     "NLLLoss",
 ]
