@@ -6,6 +6,7 @@ Examples::
     python benchmarks/run.py --quick          # tiny shapes, seconds: checks the harness
     python benchmarks/run.py --suite ce --dtypes float32 --shapes 8192x1024x32768
     python benchmarks/run.py --report-only    # tables, plots and RESULTS.md from the JSON
+    python benchmarks/run.py --suite gpu      # on a CUDA GPU: benchmarks/bench_gpu.py
 
 Each suite's rows go to ``OUT/<suite>.json`` as soon as the suite ends; then the terminal
 tables, one PNG per suite (``OUT/<suite>.png``) and ``RESULTS.md`` are made from every suite's
@@ -345,6 +346,12 @@ def write_outputs(out: Path, report_path: Path, console: Console) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmarks; returns 1 when a row failed with an error (not OOM), else 0."""
     arguments = sys.argv[1:] if argv is None else list(argv)
+    # Suite gpu has a runner of its own (CUDA events and torch.cuda memory in one process, its
+    # own --dry-run): `--suite gpu [its options]` hands the rest of the command line to it.
+    if arguments[:2] == ["--suite", "gpu"] or arguments[:1] == ["--suite=gpu"]:
+        from benchmarks import bench_gpu
+
+        return bench_gpu.main(arguments[1 if arguments[0] == "--suite=gpu" else 2 :])
     p = parser()
     args = p.parse_args(arguments)
     _check_providers(args, p)
