@@ -97,7 +97,7 @@ from torch import Tensor
 from xentkit import _autocast, _checks
 from xentkit.kernels import row_stats
 from xentkit.kernels.linear_log_probs import HeadOutputs, Outputs, Transform
-from xentkit.reference import REDUCTIONS, accumulation_dtype, logsumexp
+from xentkit.reference import REDUCTIONS, LossStats, accumulation_dtype, loss_stats
 
 __all__ = [
     "dtensor_cross_entropy",
@@ -390,30 +390,15 @@ def _exp_shifted(x: Tensor) -> tuple[Tensor, Tensor]:
     return m, x.sub_(m.unsqueeze(-1)).exp_()
 
 
-def _slice_stats(x: Tensor, rows: _Targets, w_local: Tensor | None, plan: _Plan):
-    """This slice's per-row ``(lse_r, target logit or 0, sum_c w_c x_c)``; overwrites ``x``
-    with ``exp(x - m)`` and returns it with ``m`` for the gradient."""
-    if x.shape[-1]:
-        picked = torch.where(rows.owned, x.gather(-1, rows.local.unsqueeze(-1)).squeeze(-1), 0.0)
-    else:  # an empty slice owns no target (and gather has no column 0 to read)
-        picked = x.new_zeros(x.shape[:-1])
-    columns = [picked]
-    if plan.label_smoothing > 0:
-        columns.append(x.sum(-1) if w_local is None else x @ w_local)
-    m, e = _exp_shifted(x)
-    lse_r = m + torch.log(e.sum(-1))
-    return torch.stack([lse_r, *columns], dim=-1), m, e
-
-
-def _gather_stats(stats: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The one collective of a forward chunk: every rank's ``(rows, k)`` statistics, combined
-    into the global log-sum-exp, target logit and weighted logit sum."""
-    parts = [torch.empty_like(stats) for _ in range(plan.world_size)]
-    dist.all_gather(parts, stats.contiguous(), group=plan.group)
-    every = torch.stack(parts)  # (R, rows, k)
-    lse = logsumexp(every[..., 0], dim=0)
-    summed = every[..., 1:].sum(0)
-    return lse, summed[:, 0], summed[:, 1] if plan.label_smoothing > 0 else None
+def _slice_stats(x: Tensor, rows: _Targets, w_local: Tensor | None, plan: _Plan, stats: bool):
+    """This slice's :class:`~xentkit.kernels.row_stats.RowStats` (the weighted logit sum with
+    label smoothing; the entropy sum and argmax with ``stats``), gathered from every rank and
+    merged: the global statistics of each row."""
+    local = row_stats.block(
+        x, rows.local, owned=rows.owned, class_weight=w_local, offset=plan.vocab_start,
+        sum_x=plan.label_smoothing > 0, entropy=stats, argmax=stats,
+    )  # fmt: skip
+    return row_stats.merge(_gather_row_stats(local, plan))
 
 
 def _row_losses(lse, target_logit, weighted_sum, rows: _Targets, plan: _Plan):
@@ -465,21 +450,23 @@ def _unit_scales(rows: _Targets, reduction: str) -> tuple[Tensor, Tensor, Tensor
     return a, torch.where(rows.counted, den / rows.counted.sum(), 0.0), unit
 
 
-def _slice_grad(e, m, t, lse, a, b, rows: _Targets, w_local, plan: _Plan) -> Tensor:
-    """The gradient of the loss with respect to this slice's logits (the module docstring's
-    formula), written over ``e = exp(x - m)``."""
-    eps = plan.label_smoothing
-    coef = a * ((1 - eps) * rows.weight + eps * rows.total_weight / plan.num_classes)
-    if plan.z_loss:
-        coef = coef + b * 2 * plan.z_loss * lse
+def _slice_grad(x: Tensor, t, lse, a, b, rows: _Targets, w_local, plan: _Plan) -> Tensor:
+    """The gradient of the loss with respect to this slice's logits ``x`` (the module
+    docstring's formula, with the coefficients of
+    :func:`xentkit.kernels.row_stats.cross_entropy_coefficients`), written over ``x``."""
+    p_coef, t_coef, s_coef, z_coef = row_stats.cross_entropy_coefficients(
+        rows.counted, rows.weight, rows.total_weight, plan.num_classes, plan.label_smoothing,
+        plan.z_loss, a, b,
+    )  # fmt: skip
+    coef = p_coef if z_coef is None else p_coef + z_coef * lse
+    m, e = _exp_shifted(x)
     # p = e * exp(m - lse); rows that are not counted get 0 even where lse is -inf.
     e.mul_(torch.where(rows.counted, torch.exp(m - lse) * coef, 0.0).unsqueeze(-1))
     hit = rows.owned.nonzero().squeeze(-1)
-    step = -(1 - eps) * a[hit] * rows.weight[hit]
-    e.index_put_((hit, rows.local[hit]), step.to(e.dtype), accumulate=True)
-    if eps > 0:
+    e.index_put_((hit, rows.local[hit]), -t_coef[hit].to(e.dtype), accumulate=True)
+    if s_coef is not None:
         w = torch.ones(e.shape[-1], dtype=e.dtype, device=e.device) if w_local is None else w_local
-        e.addr_(a, w, alpha=-eps / plan.num_classes)
+        e.addr_(s_coef, w, alpha=-1)
     if t is not None:
         e.mul_(t.square_().neg_().add_(1))
     return e
@@ -493,34 +480,43 @@ def _weights_slice(weight: Tensor | None, plan: _Plan, shard: int, dtype) -> Ten
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross entropy of ``(M, V_r)`` logit slices: forward gathers the per-row statistics once;
-    backward recomputes ``exp`` from the saved logits and needs no collective."""
+    backward recomputes ``exp`` from the saved logits and needs no collective. With ``stats``
+    it also returns each row's ``(lse, entropy, is_top1)`` (no gradient)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, plan: _Plan):
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, plan: _Plan, stats):
         dtype = accumulation_dtype(logits.dtype)
         rows = _targets(target, weight, plan, logits.shape[-1], dtype)
         w_local = _weights_slice(weight, plan, logits.shape[-1], dtype)
         x, _ = _capped(logits, plan.softcap, dtype, owned=False)
-        if target.numel():
-            stats, _, _ = _slice_stats(x, rows, w_local, plan)
-            del x
-            lse, picked, weighted_sum = _gather_stats(stats, plan)
-        else:
-            lse = picked = weighted_sum = torch.zeros(0, dtype=dtype, device=logits.device)
-        ce, z = _row_losses(lse, picked, weighted_sum, rows, plan)
+        merged = _slice_stats(x, rows, w_local, plan, stats)
+        del x
+        lse = row_stats.finish(merged).lse
+        ce, z = _row_losses(lse, merged.target, merged.sum_x, rows, plan)
         ctx.save_for_backward(logits, lse)
         ctx.rows, ctx.w_local, ctx.plan = rows, w_local, plan
-        return _reduce(ce, z, rows, plan.reduction)
+        per_row = _per_row_stats(merged, target, stats)
+        ctx.mark_non_differentiable(*per_row)
+        return _reduce(ce, z, rows, plan.reduction), *per_row
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, *_):
         logits, lse = ctx.saved_tensors
         rows, plan = ctx.rows, ctx.plan
         a, b = _row_scales(grad.to(lse.dtype), rows, plan.reduction)
         x, t = _capped(logits, plan.softcap, lse.dtype, owned=False)
-        m, e = _exp_shifted(x)
-        grad_logits = _slice_grad(e, m, t, lse, a, b, rows, ctx.w_local, plan)
-        return grad_logits.to(logits.dtype), None, None, None
+        grad_logits = _slice_grad(x, t, lse, a, b, rows, ctx.w_local, plan)
+        return grad_logits.to(logits.dtype), None, None, None, None
+
+
+def _per_row_stats(merged: row_stats.RowStats | None, target: Tensor, stats: bool) -> tuple:
+    """``(lse, entropy, is_top1)`` of merged statistics for ``return_stats`` (empty tensors
+    without it). Every rank holds the global argmax and the targets: no collective."""
+    if not stats:
+        empty = torch.empty(0, device=target.device)
+        return empty, empty, empty.bool()
+    done = row_stats.finish(merged)
+    return done.lse, done.entropy, merged.argmax == target
 
 
 def vocab_parallel_cross_entropy(
@@ -535,7 +531,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> Tensor:
+    return_stats: bool = False,
+):
     r"""Cross entropy of logits whose classes are split over the ranks of ``group``.
 
     Equals ``xentkit.cross_entropy(full_logits, target, ...)`` on the logits concatenated over
@@ -558,11 +555,11 @@ def vocab_parallel_cross_entropy(
         vocab_start: this rank's first class; None places the slices in rank order
             (``sum`` of the lower ranks' ``V_r``). Give it on every rank or on none.
         weight: optional ``(V,)`` weights of *all* classes, the same on every rank.
-        ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+        ignore_index, reduction, label_smoothing, z_loss, softcap, return_stats: as in
             :func:`xentkit.cross_entropy`; the same on every rank.
     Returns:
         the target's shape for ``reduction="none"``, else a scalar; in the logits' dtype and
-        equal on every rank.
+        equal on every rank; ``(loss, stats)`` with ``return_stats``.
 
     Raises:
         on every rank alike when the ranks disagree (rows, targets, options, dtype, weights),
@@ -596,10 +593,20 @@ def vocab_parallel_cross_entropy(
     plan = _plan(reports, rank, world_size, group, options, None)
     # Rows counted from the shape: -1 is ambiguous for an empty slice (V_r = 0).
     rows = logits_shard.reshape(math.prod(logits_shard.shape[:-1]), logits_shard.shape[-1])
-    loss = _VocabParallelCrossEntropy.apply(rows, target.reshape(-1).long(), weight, plan)
+    labels = target.reshape(-1).long()
+    loss, *per_row = _VocabParallelCrossEntropy.apply(rows, labels, weight, plan, return_stats)
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    return loss.to(logits_shard.dtype)
+    loss = loss.to(logits_shard.dtype)
+    return (loss, _loss_stats(per_row, labels, plan, target.shape)) if return_stats else loss
+
+
+def _loss_stats(per_row, labels: Tensor, plan: _Plan, shape) -> LossStats:
+    """:func:`xentkit.reference.loss_stats` of the gathered per-row statistics, per-position
+    fields in the target's ``shape``."""
+    stats = loss_stats(*per_row, labels != plan.ignore_index, plan.z_loss, plan.reduction)
+    z = stats.z_loss.reshape(shape) if stats.z_loss.dim() else stats.z_loss
+    return stats._replace(lse=stats.lse.reshape(shape), z_loss=z)
 
 
 def _check_vocab_start(vocab_start: int | None) -> None:
@@ -658,7 +665,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, plan: _Plan, needs):
+    def forward(ctx, hidden, weight, bias, target, class_weight, plan: _Plan, needs, stats):
         dtype = accumulation_dtype(hidden.dtype)
         rows_all = _targets(target, class_weight, plan, weight.shape[0], dtype)
         w_local = _weights_slice(class_weight, plan, weight.shape[0], dtype)
@@ -668,22 +675,29 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             a_all, b_all, unit = _unit_scales(rows_all, plan.reduction)
         ce_all = torch.zeros(target.shape[0], dtype=dtype, device=hidden.device)
         z_all, lse_all = torch.zeros_like(ce_all), torch.zeros_like(ce_all)
+        per_row = [[], [], []]
         for chunk, rows, x, t in _chunk_logits(hidden, weight, bias, rows_all, plan, dtype):
-            stats, m, e = _slice_stats(x, rows, w_local, plan)
-            lse, picked, weighted_sum = _gather_stats(stats, plan)
-            ce_all[chunk], z_all[chunk] = _row_losses(lse, picked, weighted_sum, rows, plan)
+            merged = _slice_stats(x, rows, w_local, plan, stats)
+            lse = row_stats.finish(merged).lse
+            ce_all[chunk], z_all[chunk] = _row_losses(lse, merged.target, merged.sum_x, rows, plan)
             lse_all[chunk] = lse
+            chunk_stats = _per_row_stats(merged, target[chunk], stats)
+            for part, value in zip(per_row, chunk_stats, strict=True):
+                part.append(value)
             if early:
-                d = _slice_grad(e, m, t, lse, a_all[chunk], b_all[chunk], rows, w_local, plan)
+                d = _slice_grad(x, t, lse, a_all[chunk], b_all[chunk], rows, w_local, plan)
                 _accumulate(grads, d.to(hidden.dtype), hidden[chunk], weight, chunk)
         ctx.plan, ctx.needs, ctx.rows, ctx.w_local = plan, needs, rows_all, w_local
         ctx.dtype, ctx.grads = hidden.dtype, (grads, unit) if early else None
         if not early:
             ctx.save_for_backward(hidden, weight, bias, lse_all)
-        return _reduce(ce_all, z_all, rows_all, plan.reduction)
+        empty = _per_row_stats(None, target, False)
+        per_row = [torch.cat(p) if p else e for p, e in zip(per_row, empty, strict=True)]
+        ctx.mark_non_differentiable(*per_row)
+        return _reduce(ce_all, z_all, rows_all, plan.reduction), *per_row
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, *_):
         if ctx.grads is not None:
             grads, unit = ctx.grads
             scale = grad.to(unit.dtype) * unit
@@ -695,7 +709,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             dist.all_reduce(gh, group=ctx.plan.group)
         gw = None if gw is None else gw.to(ctx.dtype)
         gb = None if gb is None else gb.to(ctx.dtype)
-        return gh, gw, gb, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None
 
 
 def _recomputed_grads(ctx, grad: Tensor) -> list[Tensor | None]:
@@ -706,9 +720,8 @@ def _recomputed_grads(ctx, grad: Tensor) -> list[Tensor | None]:
     grads = _grad_buffers(hidden, weight, ctx.needs, dtype)
     a_all, b_all = _row_scales(grad.to(dtype), rows_all, plan.reduction)
     for chunk, rows, x, t in _chunk_logits(hidden, weight, bias, rows_all, plan, dtype):
-        m, e = _exp_shifted(x)
         lse, a, b = lse_all[chunk], a_all[chunk], b_all[chunk]
-        d = _slice_grad(e, m, t, lse, a, b, rows, ctx.w_local, plan)
+        d = _slice_grad(x, t, lse, a, b, rows, ctx.w_local, plan)
         _accumulate(grads, d.to(hidden.dtype), hidden[chunk], weight, chunk)
     return grads
 
@@ -727,7 +740,8 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     *,
     process_group=None,
-) -> Tensor:
+    return_stats: bool = False,
+):
     r"""The LM head and the loss with the classifier's rows (the vocabulary) split over ranks.
 
     Equals ``xentkit.linear_cross_entropy(input, full_weight, target, full_bias, ...)`` where
@@ -757,14 +771,20 @@ def linear_cross_entropy(
         chunk_size: tokens per chunk, the same on every rank; None gives about
             ``CHUNK_ELEMENTS`` logits per chunk on the rank with the largest slice.
         process_group: the tensor-parallel group; None for the default group.
+        return_stats: also return :class:`xentkit.reference.LossStats`, from the statistics
+            the forward gathers anyway (no extra collective).
     Returns:
         the target's shape for ``reduction="none"``, else a scalar; in ``input``'s dtype and
-        equal on every rank (float32 under autocast, which runs the head in its dtype).
+        equal on every rank (float32 under autocast, which runs the head in its dtype);
+        ``(loss, stats)`` with ``return_stats``.
 
     See also :func:`vocab_parallel_cross_entropy` for logits that already exist.
     """
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
-    loss = _linear(input, weight, target, bias, class_weight, options, chunk_size, process_group)
+    args = (input, weight, target, bias, class_weight, options, chunk_size, process_group)
+    loss = _linear(*args, stats=return_stats)
+    if return_stats:
+        return loss[0].to(_autocast.loss_dtype(input)), loss[1]
     return loss.to(_autocast.loss_dtype(input))
 
 
@@ -779,11 +799,13 @@ def _linear(
     group,
     vocab_start: int | None = None,
     hint: str = "",
-) -> Tensor:
+    stats: bool = False,
+):
     """:func:`linear_cross_entropy` with the loss left in the accumulation dtype (float32,
     float64 for float64 input), this rank's slice at ``vocab_start`` (in rank order when None)
     and ``hint`` at the end of any error about ranks that disagree. Under autocast the head
-    runs in the autocast dtype and class weights are float32, as in the single-process path."""
+    runs in the autocast dtype and class weights are float32, as in the single-process path.
+    With ``stats``, ``(loss, LossStats)``."""
     logits_dtype = _autocast.loss_dtype(input) if isinstance(input, Tensor) else None
     input, weight, bias = _autocast.lower(input, weight, bias)
     (class_weight,) = _autocast.float32("cross_entropy", class_weight)
@@ -812,10 +834,11 @@ def _linear(
     plan = _plan(reports, rank, world_size, group, options, chunk_size, hint)
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (input, weight, bias))
     hidden, labels = input.reshape(-1, input.shape[-1]), target.reshape(-1).long()
-    loss = _VocabParallelLinearCrossEntropy.apply(
-        hidden, weight, bias, labels, class_weight, plan, needs
+    loss, *per_row = _VocabParallelLinearCrossEntropy.apply(
+        hidden, weight, bias, labels, class_weight, plan, needs, stats
     )
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    loss = loss.reshape(target.shape) if reduction == "none" else loss
+    return (loss, _loss_stats(per_row, labels, plan, target.shape)) if stats else loss
 
 
 # ---------------------------------------------------------------- per-token head outputs
@@ -870,11 +893,8 @@ class _VocabParallelHeadOutputs(torch.autograd.Function):
                 log_sum_sq[chunk] = torch.where(kept, done.log_sum_sq_probs, 0.0)
             if outputs.mean_logits:
                 mean[chunk] = torch.where(kept, merged.sum_x / plan.num_classes, 0.0)
-            if outputs.is_top1:
-                global_target = rows.local + plan.vocab_start  # valid where owned
-                hit = merged.argmax == torch.where(rows.owned, global_target, -1)
-                # Only the owner knows the target's id; an all-reduce-free "any rank" via max.
-                top1[chunk] = kept & _any_rank(hit, plan)
+            if outputs.is_top1:  # every rank holds the global argmax and the targets
+                top1[chunk] = kept & (merged.argmax == target[chunk])
         ctx.save_for_backward(hidden, weight, bias, lse_all, entropy)
         ctx.plan, ctx.transform, ctx.rows, ctx.needs = plan, transform, rows_all, needs
         ctx.return_entropy = outputs.entropy
@@ -905,13 +925,6 @@ class _VocabParallelHeadOutputs(torch.autograd.Function):
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(weight.dtype)
         return gh, gw, gb, None, None, None, None, None
-
-
-def _any_rank(flag: Tensor, plan: _Plan) -> Tensor:
-    """``flag`` OR-ed over the ranks (one ``all_reduce`` of a byte per row)."""
-    value = flag.to(torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=plan.group)
-    return value.bool()
 
 
 def linear_head_outputs(

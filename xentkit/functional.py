@@ -464,6 +464,12 @@ def _linear_cross_entropy(
     if _is_dtensor(input, weight, target, bias):
         from xentkit import distributed
 
+        if return_stats:
+            raise NotImplementedError(
+                "return_stats is not supported with DTensor arguments yet: pass the local "
+                "shards (weight.to_local(), bias.to_local()) with process_group= the group of "
+                "the mesh dim that splits the vocabulary (mesh.get_group(dim))."
+            )
         return distributed.dtensor_linear_cross_entropy(
             input, weight, target, bias, *options, chunk_size
         )
@@ -473,8 +479,9 @@ def _linear_cross_entropy(
         # Every check runs inside, agreed over the group: a rank that failed alone here would
         # leave the others waiting in their first collective.
         return distributed._linear(
-            input, weight, target, bias, class_weight, options[1:], chunk_size, process_group
-        )
+            input, weight, target, bias, class_weight, options[1:], chunk_size, process_group,
+            stats=return_stats,
+        )  # fmt: skip
     _checks.check_reduction(reduction)
     _checks.check_options(label_smoothing, z_loss, softcap)
     _checks.check_chunk_size(chunk_size)

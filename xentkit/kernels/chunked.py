@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
+from xentkit.kernels import row_stats
 from xentkit.kernels._fused_op import fused_cross_entropy
 
 # Elements per chunk of rows in the eager path: about 2 MiB of float32, so a chunk and the
@@ -121,9 +122,10 @@ def _fused_rows(
               - T_i [j = t_i] - E_i w_j
 
     times :math:`1 - \tanh^2(x_{ij}/c)` with a softcap, where ``p_coef``, ``t_coef``,
-    ``s_coef``, ``z_coef`` are the per-row :math:`P, T, E, Z` of :func:`_row_coefficients`
-    (``s_coef``/``z_coef`` None for zero terms). ``target`` holds valid class ids (ignored rows
-    have zero coefficients) and ``weight`` is in the accumulation dtype.
+    ``s_coef``, ``z_coef`` are the per-row :math:`P, T, E, Z` of
+    :func:`xentkit.kernels.row_stats.cross_entropy_coefficients` (``s_coef``/``z_coef`` None
+    for zero terms). ``target`` holds valid class ids (ignored rows have zero coefficients) and
+    ``weight`` is in the accumulation dtype.
     """
     acc = reference.accumulation_dtype(logits.dtype)
     x = logits.to(acc)
@@ -222,37 +224,6 @@ def _soft_rows(
             grad.mul_(1 - tanh * tanh)
         out.copy_(grad)
     return row_max.squeeze(1), sum_exp.squeeze(1), u_sum, ux_sum
-
-
-def _row_coefficients(
-    counted: Tensor,
-    w_t: Tensor,
-    total_w: Tensor | float,
-    num_classes: int,
-    label_smoothing: float,
-    z_loss: float,
-    ce_scale: float | Tensor,
-    z_scale: float | Tensor,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    r"""Per-row coefficients of the gradient of :math:`\sum_i a_i \mathrm{ce}_i + b_i z_i`.
-
-    :math:`\partial/\partial x'_{ij} = p_{ij}(P_i + Z_i \mathrm{lse}_i) - T_i[j = t_i]
-    - E_i w_j` with :math:`P = a((1-\varepsilon) w_t + \varepsilon W / C)`,
-    :math:`T = a(1-\varepsilon) w_t`, :math:`E = a \varepsilon / C`, :math:`Z = 2 b z`
-    (all 0 on ignored rows), differentiating the terms of
-    :func:`xentkit.reference.cross_entropy_terms` through :math:`\partial \mathrm{lse} /
-    \partial x' = p`.
-    """
-    eps = label_smoothing
-    a = torch.where(counted, torch.as_tensor(ce_scale, dtype=w_t.dtype, device=w_t.device), 0.0)
-    t_coef = (1 - eps) * a * w_t
-    p_coef = t_coef + a * (eps * total_w / num_classes) if eps else t_coef
-    s_coef = a * (eps / num_classes) if eps else None
-    z_coef = None
-    if z_loss:
-        b = torch.as_tensor(z_scale, dtype=w_t.dtype, device=w_t.device)
-        z_coef = torch.where(counted, 2 * z_loss * b, 0.0)
-    return p_coef, t_coef, s_coef, z_coef
 
 
 def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor | None, ...]:
@@ -383,7 +354,7 @@ def loss_and_grad(
     )
     coefs, dest = (None,) * 4, None
     if ce_scale is not None:
-        coefs = _row_coefficients(
+        coefs = row_stats.cross_entropy_coefficients(
             counted, w_t, total_w, num_classes, eps, z_loss, ce_scale, z_scale
         )
         dest = _gradient_buffer(logits) if out is None else out

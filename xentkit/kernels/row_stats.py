@@ -252,3 +252,34 @@ def logits_loss_rows(
                 x = x.contiguous()
             parts.append(loss_rows(x, target[chunk], counted[chunk], triton_rows))
     return (*(torch.cat(p) for p in zip(*parts, strict=True)), counted)
+
+
+def cross_entropy_coefficients(
+    counted: Tensor,
+    w_t: Tensor,
+    total_w: Tensor | float,
+    num_classes: int,
+    label_smoothing: float,
+    z_loss: float,
+    ce_scale: float | Tensor,
+    z_scale: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    r"""Per-row coefficients of the gradient of :math:`\sum_i a_i \mathrm{ce}_i + b_i z_i`.
+
+    :math:`\partial/\partial x'_{ij} = p_{ij}(P_i + Z_i \mathrm{lse}_i) - T_i[j = t_i]
+    - E_i w_j` with :math:`P = a((1-\varepsilon) w_t + \varepsilon W / C)`,
+    :math:`T = a(1-\varepsilon) w_t`, :math:`E = a \varepsilon / C`, :math:`Z = 2 b z`
+    (all 0 on ignored rows), differentiating the terms of
+    :func:`xentkit.reference.cross_entropy_terms` through :math:`\partial \mathrm{lse} /
+    \partial x' = p`.
+    """
+    eps = label_smoothing
+    a = torch.where(counted, torch.as_tensor(ce_scale, dtype=w_t.dtype, device=w_t.device), 0.0)
+    t_coef = (1 - eps) * a * w_t
+    p_coef = t_coef + a * (eps * total_w / num_classes) if eps else t_coef
+    s_coef = a * (eps / num_classes) if eps else None
+    z_coef = None
+    if z_loss:
+        b = torch.as_tensor(z_scale, dtype=w_t.dtype, device=w_t.device)
+        z_coef = torch.where(counted, 2 * z_loss * b, 0.0)
+    return p_coef, t_coef, s_coef, z_coef
