@@ -35,6 +35,7 @@ from benchmarks import (  # noqa: E402
     bench_explain,
     bench_linear_cross_entropy,
     bench_scale,
+    bench_trl,
     harness,
     plot,
     report,
@@ -50,6 +51,7 @@ SUITES: dict[str, Suite] = {
         bench_linear_cross_entropy.SUITE,
         bench_scale.SUITE,
         bench_explain.SUITE,
+        *bench_trl.SUITES,
     )
 }
 # What a run without --suite measures: the losses; explain's speed is a suite of its own

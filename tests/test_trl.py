@@ -478,3 +478,49 @@ def test_zero3_partitioned_head_is_refused():
         xentkit_trl.LogProbHead.apply(
             torch.randn(2, 4), weight, None, torch.zeros(2).long(), 1.0, 8
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark's providers time the same maths
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suite", ["LOG_PROBS", "DISTILL"])
+def test_benchmark_providers_compute_the_same_gradients(suite):
+    bench_trl = pytest.importorskip("benchmarks.bench_trl")
+    from benchmarks.harness import Shape
+
+    suite = getattr(bench_trl, suite)
+    results, shape = {}, Shape(6, 4, 10)
+    for provider in suite.providers:
+        if provider != "floor":
+            torch.manual_seed(0)
+            results[provider] = suite.build(provider, shape, torch.float32, "eager").step()
+    for provider, value in results.items():
+        expected = results["trl-entropy" if provider.endswith("-entropy") else "trl"]
+        for got, want in zip(value, expected, strict=True):
+            torch.testing.assert_close(got, want, msg=provider)
+
+
+def test_the_readme_block_runs(tmp_path, monkeypatch):
+    """The README's TRL block, with a tiny model saved here in place of the hub's."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## TRL\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    tokenizer = _tokenizer()
+    model_dir = tmp_path / "model"
+    _model(tokenizer, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert '"Qwen/Qwen2.5-0.5B"' in code
+    code = code.replace('"Qwen/Qwen2.5-0.5B"', repr(str(model_dir)))
+    # TRL's configs default to bfloat16 mixed precision, which a CPU-only machine refuses.
+    code = code.replace("report_to=[],", "report_to=[], use_cpu=True, bf16=False,")
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    head_outputs = functional.linear_head_outputs
+    monkeypatch.setattr(
+        functional, "linear_head_outputs", lambda *a, **k: calls.append(1) or head_outputs(*a, **k)
+    )
+    exec(compile(code, "README.md", "exec"), {})
+    assert calls and not xentkit_trl.is_patched()

@@ -25,13 +25,15 @@ transformed as TRL transforms them:
 with :math:`a` the config's ``logit_scale`` (or its aliases), :math:`c` its
 ``final_logit_softcapping`` (none when unset) and :math:`T` the trainer's temperature. The
 log-prob head returns :math:`\\log p_{y_n} = s_{y_n} - \\operatorname{lse}(s)`, the entropy,
-``log_sum_sq_probs``
-(:math:`\\log \\sum_j p_j^2`), ``mean_logits`` (:math:`\\tfrac1V \\sum_j s_j`) and ``is_top1``
-(the target is the first argmax), each only when the trainer asks for it; log-probabilities and
-entropy carry gradients to the hidden states, the weight and the bias, the others none. The
-divergence is TRL's generalized JSD with mixture :math:`m = \\beta p_t + (1 - \\beta) p_s`
-(:math:`\\beta = 0` forward KL, :math:`\\beta = 1` reverse KL), with gradients to the student
-only.
+``log_sum_sq_probs`` (:math:`\\log \\sum_j p_j^2`), ``mean_logits``
+(:math:`\\tfrac1V \\sum_j s_j`) and ``is_top1`` (the target is the first argmax), each only when
+the trainer asks for it; log-probabilities and entropy carry gradients to the hidden states, the
+weight and the bias, the others none. Outputs are float32 whatever the head's dtype, as TRL's
+are. The divergence is TRL's generalized JSD with mixture
+:math:`m = \\beta p_t + (1 - \\beta) p_s` (:math:`\\beta = 0` forward KL, :math:`\\beta = 1`
+reverse KL), with gradients to the student only; each head's ``logit_scale`` is folded into a
+scaled copy of its weight (and bias), and a soft-capped head (``final_logit_softcapping``) is
+refused with a clear error: :func:`xentkit.linear_distillation_loss` does not cap yet.
 
 TRL's own kernels stay where TRL defines them (``trl.kernels``), untouched: code that calls
 them directly still gets TRL's. What is not patched: the experimental async distillation
