@@ -36,7 +36,7 @@ through the student's head at once (:math:`G W_s` and :math:`G^\top H_s`): four 
 in all, and the backward pass only multiplies the stored gradients by ``grad_output``. For
 ``reduction="none"`` the per-token ``grad_output`` is unknown in the forward pass, which then
 computes the losses only; the backward walks the chunks again (six matrix products in all).
-A chunk holds both heads' logits and two to three float32 working buffers of the same size
+A chunk holds both heads' logits and one to three float32 working buffers of the same size
 (see :func:`_divergence`), and the weight gradient is one float32 ``V x D`` accumulator, so the
 extra memory does not grow with the number of tokens. Tokens whose target is ``ignore_index``
 are dropped before the first matrix product; their losses and gradients are 0.
