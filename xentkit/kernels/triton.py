@@ -79,6 +79,48 @@ def _softcap(x, softcap):
     return softcap * tl.where(x < 0, -t, t)
 
 
+# ---------------------------------------------------------------- per-row statistics
+# The Triton transcription of xentkit.kernels.row_stats: a block's statistics and the merge of
+# two blocks, used by the head-output row kernels below (tests hold them to row_stats).
+
+
+@triton.jit
+def _shift(m):
+    """:func:`xentkit.kernels.row_stats.shift`: the maximum, 0 where it is -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _block_stats(x, AXIS: tl.constexpr, HAS_X: tl.constexpr, HAS_Q: tl.constexpr):
+    """:func:`xentkit.kernels.row_stats.block` of logits ``x`` (-inf where masked) along
+    ``AXIS``: the maximum ``m``, ``S``, and (else 0) ``X`` (relative to the shift) and ``Q``."""
+    m = tl.max(x, AXIS)
+    shifted = x - tl.expand_dims(_shift(m), AXIS)
+    e = tl.exp(shifted)
+    s = tl.sum(e, AXIS)
+    xx = tl.zeros_like(s)
+    q = tl.zeros_like(s)
+    if HAS_X:
+        floored = tl.maximum(shifted, -1e4)  # reference.LOG_PROB_FLOOR: 0 * -inf would be NaN
+        xx = tl.sum(e * floored, AXIS)
+    if HAS_Q:
+        q = tl.sum(e * e, AXIS)
+    return m, s, xx, q
+
+
+@triton.jit
+def _merge(m_a, s_a, x_a, q_a, m_b, s_b, x_b, q_b):
+    """:func:`xentkit.kernels.row_stats.merge` of block ``a`` and the next block ``b``."""
+    m = tl.maximum(m_a, m_b)
+    new = _shift(m)
+    scale_a = tl.where(m_a == float("-inf"), 0.0, tl.exp(_shift(m_a) - new))
+    scale_b = tl.where(m_b == float("-inf"), 0.0, tl.exp(_shift(m_b) - new))
+    s = s_a * scale_a + s_b * scale_b
+    x = scale_a * (x_a + s_a * (_shift(m_a) - new)) + scale_b * (x_b + s_b * (_shift(m_b) - new))
+    q = q_a * scale_a * scale_a + q_b * scale_b * scale_b
+    return m, s, x, q
+
+
 @triton.jit
 def _row_loss(lse, x_t, sum_wx, w_t, counted, consts_ptr, num_classes, HAS_SMOOTHING, HAS_Z):
     r"""Per-row ``(ce, z)`` of :func:`xentkit.reference.cross_entropy_terms` from the row's
@@ -160,9 +202,8 @@ def _cross_entropy_kernel(
     if HAS_WEIGHT:
         w_t *= tl.load(weight_ptr + safe_target).to(ACC)
 
-    # Sweep 1: online log-sum-exp. The running sum is rescaled whenever the running maximum
-    # grows; a maximum of -inf (nothing but -inf so far) is replaced by 0 so that
-    # exp(-inf - -inf) never makes a NaN, which leaves an all -inf row with lse = -inf.
+    # Sweep 1: online log-sum-exp, each block's statistics merged into the running ones as
+    # row_stats describes (an all -inf row keeps lse = -inf, never NaN).
     m = tl.full((), float("-inf"), ACC)
     s = tl.zeros((), ACC)
     sum_wx = tl.zeros((), ACC)
@@ -173,16 +214,14 @@ def _cross_entropy_kernel(
         if HAS_SOFTCAP:
             x = _softcap(x, softcap)
         x = tl.where(mask, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
-        m = m_new
+        m_b, s_b, _, _ = _block_stats(x, 0, False, False)
+        m, s, _, _ = _merge(m, s, 0.0, 0.0, m_b, s_b, 0.0, 0.0)
         if HAS_SMOOTHING:
             w = 1.0
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
             sum_wx += tl.sum(w * tl.where(mask, x, 0.0), 0)  # masked x: -inf, w: 0
-    lse = m + tl.log(s)
+    lse = _shift(m) + tl.log(s)
     ce, z = _row_loss(lse, x_t, sum_wx, w_t, counted, consts_ptr, num_classes, HAS_SMOOTHING, HAS_Z)
     tl.store(ce_ptr + row, ce)
     tl.store(z_ptr + row, z)
@@ -272,6 +311,8 @@ def _linear_forward_kernel(
     lse_ptr,
     ce_ptr,
     z_ptr,
+    entropy_ptr,
+    top_ptr,
     num_rows,
     num_classes,
     dim,
@@ -282,6 +323,7 @@ def _linear_forward_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_STATS: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -289,7 +331,8 @@ def _linear_forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """``BLOCK_M`` rows: online log-sum-exp over vocabulary tiles; writes each row's lse and
-    loss terms, never the logits."""
+    loss terms (and with ``HAS_STATS`` its entropy and whether the target is the first
+    argmax), never the logits."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
     target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
@@ -298,6 +341,8 @@ def _linear_forward_kernel(
 
     m = tl.full((BLOCK_M,), float("-inf"), ACC)
     s = tl.zeros((BLOCK_M,), ACC)
+    xx = tl.zeros((BLOCK_M,), ACC)
+    best = tl.zeros((BLOCK_M,), tl.int64)
     x_t = tl.zeros((BLOCK_M,), ACC)
     sum_wx = tl.zeros((BLOCK_M,), ACC)
     for start in range(0, num_classes, BLOCK_V):
@@ -309,17 +354,22 @@ def _linear_forward_kernel(
         )  # fmt: skip
         # As in the cross-entropy kernel (a bias of -inf masks classes: a whole tile of a row
         # can be -inf).
-        m_new = tl.maximum(m, tl.max(x, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-        m = m_new
+        m_b, s_b, x_b, _ = _block_stats(x, 1, HAS_STATS, False)
+        if HAS_STATS:
+            # The first maximum: a later tile wins only with a strictly larger maximum.
+            first = start + tl.argmax(x, 1, tie_break_left=True).to(tl.int64)
+            best = tl.where(m_b > m, first, best)
+        m, s, xx, _ = _merge(m, s, xx, 0.0, m_b, s_b, x_b, 0.0)
         x_t += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), 1)
         if HAS_SMOOTHING:
             w = 1.0
             if HAS_WEIGHT:
                 w = tl.load(class_weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
             sum_wx += tl.sum(w * tl.where(col_mask[None, :], x, 0.0), 1)
-    lse = m + tl.log(s)
+    lse = _shift(m) + tl.log(s)
+    if HAS_STATS:
+        tl.store(entropy_ptr + rows, tl.log(s) - xx / s, mask=row_mask)
+        tl.store(top_ptr + rows, best == target, mask=row_mask)
     w_t = tl.where(counted, 1.0, 0.0).to(ACC)
     if HAS_WEIGHT:
         safe_target = tl.where(counted, target, 0)
@@ -656,10 +706,12 @@ def _linear_op(
     z_loss: float,
     softcap: float | None,
     filter_eps: float | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, lse, consts)``: the forward kernel keeps each row's log-sum-exp for the
-    backward kernel (which also takes ``filter_eps``); one opaque op for ``torch.compile``,
-    with no host synchronisation."""
+    stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, consts, entropy, is_top1)``: the forward kernel keeps each row's
+    log-sum-exp for the backward kernel (which also takes ``filter_eps``), and with ``stats``
+    each row's entropy and top-1 hit (else empty); one opaque op for ``torch.compile``, with
+    no host synchronisation."""
     num_rows, dim = hidden.shape
     num_classes = weight.shape[0]
     acc = reference.accumulation_dtype(hidden.dtype)
@@ -673,14 +725,17 @@ def _linear_op(
     )  # fmt: skip
     lse = torch.empty(num_rows, dtype=acc, device=hidden.device)
     ce, z = torch.empty_like(lse), torch.empty_like(lse)
+    entropy = torch.empty(num_rows if stats else 0, dtype=acc, device=hidden.device)
+    top1 = torch.empty(num_rows if stats else 0, dtype=torch.bool, device=hidden.device)
     flags = _linear_flags(bias, class_weight, label_smoothing, z_loss, softcap)
     if num_rows:
         grid, launch = _linear_launch(hidden)
         _linear_forward_kernel[grid](
             hidden, hidden.stride(0), weight, weight.stride(0), bias, target, class_weight,
-            consts, lse, ce, z, num_rows, num_classes, dim, ignore_index, **flags, **launch,
+            consts, lse, ce, z, entropy, top1, num_rows, num_classes, dim, ignore_index,
+            **flags, HAS_STATS=stats, **launch,
         )  # fmt: skip
-    return _reduce(ce, z, reduction, denominator, count), lse, consts
+    return _reduce(ce, z, reduction, denominator, count), lse, consts, entropy, top1
 
 
 @_linear_op.register_fake
@@ -688,7 +743,9 @@ def _(hidden, weight, target, bias, class_weight, ignore_index, reduction, *_opt
     acc = reference.accumulation_dtype(hidden.dtype)
     lse = hidden.new_empty(hidden.shape[:1], dtype=acc)
     loss = torch.empty_like(lse) if reduction == "none" else lse.new_empty(())
-    return loss, lse, lse.new_empty(6)
+    rows = hidden.shape[0] if _options[-1] else 0
+    entropy, top1 = lse.new_empty(rows), lse.new_empty(rows, dtype=torch.bool)
+    return loss, lse, lse.new_empty(6), entropy, top1
 
 
 @torch.library.custom_op("xentkit::triton_linear_cross_entropy_backward", mutates_args=())
@@ -746,12 +803,13 @@ def _(grad_output, hidden, weight, target, bias, *options):
 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, bias, class_weight, ignore_index, _, *options, filter_eps = inputs
-    _, lse, consts = output
+    hidden, weight, target, bias, class_weight, ignore_index, _, *options = inputs
+    *options, filter_eps, _stats = options
+    _, lse, consts, *per_row = output
     ctx.save_for_backward(hidden, weight, target, bias, class_weight, consts, lse)
     # Label smoothing adds a gradient that does not shrink with the softmax: no filtering.
     ctx.options = (ignore_index, *options, filter_eps if options[0] == 0 else None)
-    ctx.mark_non_differentiable(lse, consts)
+    ctx.mark_non_differentiable(lse, consts, *per_row)
     ctx.set_materialize_grads(False)
 
 
@@ -759,13 +817,13 @@ def _linear_backward(ctx, grad_loss: Tensor | None, *_unused):
     hidden, weight, target, bias, class_weight, consts, lse = ctx.saved_tensors
     no_class_weight_derivative(ctx.needs_input_grad[4])
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * 12
     needs = [ctx.needs_input_grad[i] for i in (0, 1, 3)]
     grads = _linear_backward_op(
         grad_loss, hidden, weight, target, bias, class_weight, consts, lse, *ctx.options, needs
     )
     gh, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=True))
-    return gh, gw, None, gb, *(None,) * 7
+    return gh, gw, None, gb, *(None,) * 8
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -783,9 +841,10 @@ def linear_cross_entropy(
     z_loss: float,
     softcap: float | None,
     chunk_size: int | None,
+    stats: bool = False,
     *,
     filter_eps: float | None = FILTER_EPS,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     r"""Fused ``cross_entropy(hidden @ weight.T + bias, target)`` in Triton, never holding the
     ``(M, V)`` logits.
 
@@ -817,9 +876,12 @@ def linear_cross_entropy(
         class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`xentkit.cross_entropy`.
         chunk_size: unused: the kernels work in fixed tiles (``LINEAR_TILES``).
+        stats: also return each row's ``(lse, entropy, is_top1)``, from the forward kernel's
+            merged tile statistics.
         filter_eps: the gradient filter's threshold, or None for none.
     Returns:
         ``(M,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64 input).
+        ``(loss, (lse, entropy, is_top1))`` with ``stats``.
 
     Example:
         >>> import torch
@@ -831,45 +893,11 @@ def linear_cross_entropy(
     See also :func:`cross_entropy`, :func:`xentkit.linear_cross_entropy`.
     """
     _check_device(hidden, weight, target, bias, class_weight)
-    return _linear_op(
+    loss, lse, _, entropy, top1 = _linear_op(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-        z_loss, softcap, filter_eps,
-    )[0]  # fmt: skip
-
-
-# ---------------------------------------------------------------- per-row statistics
-# The Triton transcription of xentkit.kernels.row_stats: a block's statistics and the merge of
-# two blocks, used by the head-output row kernels below (tests hold them to row_stats).
-
-
-@triton.jit
-def _shift(m):
-    """:func:`xentkit.kernels.row_stats.shift`: the maximum, 0 where it is -inf."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _block_stats(x, AXIS: tl.constexpr):
-    """:func:`xentkit.kernels.row_stats.block` of logits ``x`` (-inf where masked) along
-    ``AXIS``: the maximum ``m``, ``S``, ``X`` (relative to the shift) and ``Q``."""
-    m = tl.max(x, AXIS)
-    shifted = x - tl.expand_dims(_shift(m), AXIS)
-    e = tl.exp(shifted)
-    floored = tl.maximum(shifted, -1e4)  # reference.LOG_PROB_FLOOR: 0 * -inf would be NaN
-    return m, tl.sum(e, AXIS), tl.sum(e * floored, AXIS), tl.sum(e * e, AXIS)
-
-
-@triton.jit
-def _merge(m_a, s_a, x_a, q_a, m_b, s_b, x_b, q_b):
-    """:func:`xentkit.kernels.row_stats.merge` of block ``a`` and the next block ``b``."""
-    m = tl.maximum(m_a, m_b)
-    new = _shift(m)
-    scale_a = tl.where(m_a == float("-inf"), 0.0, tl.exp(_shift(m_a) - new))
-    scale_b = tl.where(m_b == float("-inf"), 0.0, tl.exp(_shift(m_b) - new))
-    s = s_a * scale_a + s_b * scale_b
-    x = scale_a * (x_a + s_a * (_shift(m_a) - new)) + scale_b * (x_b + s_b * (_shift(m_b) - new))
-    q = q_a * scale_a * scale_a + q_b * scale_b * scale_b
-    return m, s, x, q
+        z_loss, softcap, filter_eps, stats,
+    )  # fmt: skip
+    return (loss, (lse, entropy, top1)) if stats else loss
 
 
 @triton.jit
@@ -896,7 +924,7 @@ def _row_stats_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < num_classes
         x = tl.load(x_ptr + cols, mask=mask, other=float("-inf")).to(ACC)
-        m_b, s_b, x_b, q_b = _block_stats(x, 0)
+        m_b, s_b, x_b, q_b = _block_stats(x, 0, True, True)
         # The first maximum: a later block wins only with a strictly larger maximum.
         first = start + tl.argmax(x, 0, tie_break_left=True).to(tl.int64)
         best = tl.where(m_b > m, first, best)
