@@ -18,7 +18,28 @@ from rich.table import Table
 from benchmarks.harness import split_backend
 from benchmarks.machine import describe
 
-SUITE_ORDER = ("ce", "linear", "scale", "explain")
+SUITE_ORDER = (
+    "ce", "linear", "scale", "explain", "log_probs", "distill", "trl_log_probs", "trl_distill",
+)  # fmt: skip
+# The GPU suite's own runner (benchmarks/bench_gpu.py) writes its tables as markdown, which
+# RESULTS.md takes as they are under this header.
+GPU_MARKDOWN = "gpu.md"
+GPU_HEADER = (
+    "## GPU (CUDA): xentkit against torch, torch.compile, Liger Kernel and Cut Cross-Entropy"
+)
+GPU_HEADER += """
+
+- command: `bash benchmarks/gpu.sh` on one H100 or H200 (a venv with pinned torch 2.13.0,
+  triton 3.7.1, liger-kernel 0.8.5 and cut-cross-entropy 25.1.1, then
+  `python benchmarks/run.py --suite gpu`: bfloat16, N in {8192, 32768}, D=4096,
+  V in {128256, 256000}; under 8 minutes by its FLOP-based time budget)"""
+GPU_NOT_RUN = """Not measured yet: no GPU has been lent to a session since the suite was
+written. Its dry run (`python benchmarks/bench_gpu.py --dry-run`: CPU, `TRITON_INTERPRET=1`,
+N=32 D=32 V=512) runs every xentkit row (chunked with Triton rows, fused Triton, plain CE, in
+place), torch eager, torch.compile and the floor, with loss within 7e-4 and gradients within
+3.2e-3 (norm-wise) of torch's float32 softmax of the same bfloat16 logits, and records Liger
+and CCE as "not installed" (`tests/test_bench_gpu.py`); its times are the interpreter's and
+mean nothing."""
 PEER_LABELS = {
     "torch": "torch eager",
     "torch.compile": "torch.compile",
@@ -212,4 +233,6 @@ def markdown(results: list[dict], plots: dict[str, Path], report: Path) -> str:
         if data["suite"] in plots:
             image = os.path.relpath(plots[data["suite"]], report.parent)
             parts += ["", f"![{data['title']}]({image})"]
+    gpu = report.parent / "results" / GPU_MARKDOWN
+    parts += ["", GPU_HEADER, "", gpu.read_text().strip() if gpu.exists() else GPU_NOT_RUN]
     return "\n".join(parts) + "\n"

@@ -42,6 +42,9 @@ DEFAULT_BACKENDS = {
     # per-row statistics and their gradient), so the products are cuBLAS's here too.
     ("linear_log_probs", "cpu"): "chunked",
     ("linear_log_probs", "cuda"): "triton",
+    # Torch ops over token chunks on every device (no Triton kernel is written for it).
+    ("linear_distillation_loss", "cpu"): "chunked",
+    ("linear_distillation_loss", "cuda"): "chunked",
 }
 
 # Whether Triton can be imported, looked up once (a lookup is not traceable by torch.compile).
@@ -781,7 +784,7 @@ def linear_distillation_loss(
     if labels is not None:
         _checks.check_target_range(labels, student_weight.shape[0], ignore_index)
     options = (beta, temperature, hard_weight, ignore_index)
-    name = resolve_backend(backend or "chunked", "linear_distillation_loss", student.device)
+    name = resolve_backend(backend, "linear_distillation_loss", student.device)
     if name == "triton":
         raise NotImplementedError(
             "linear_distillation_loss has no Triton kernel: use backend='chunked' (the default, "
