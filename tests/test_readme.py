@@ -45,3 +45,9 @@ def test_the_rl_log_probs_block_runs():
     code = _block("Per-token log-probabilities for RL")
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["hidden"].grad.abs().sum() > 0
+
+
+def test_the_statistics_block_runs():
+    namespace: dict = {}
+    exec(compile(_block("Statistics of the loss"), "README.md", "exec"), namespace)
+    assert 0 <= float(namespace["stats"].accuracy) <= 1

@@ -20,10 +20,12 @@ from xentkit.functional import (
     nll_loss,
     softmax,
 )
+from xentkit.reference import LossStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossStats",
     "__version__",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
