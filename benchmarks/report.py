@@ -234,5 +234,6 @@ def markdown(results: list[dict], plots: dict[str, Path], report: Path) -> str:
             image = os.path.relpath(plots[data["suite"]], report.parent)
             parts += ["", f"![{data['title']}]({image})"]
     gpu = report.parent / "results" / GPU_MARKDOWN
-    parts += ["", GPU_HEADER, "", gpu.read_text().strip() if gpu.exists() else GPU_NOT_RUN]
+    if gpu.parent.is_dir():  # the project's RESULTS.md beside results/, not a scratch report
+        parts += ["", GPU_HEADER, "", gpu.read_text().strip() if gpu.exists() else GPU_NOT_RUN]
     return "\n".join(parts) + "\n"

@@ -318,7 +318,7 @@ def head_outputs(
         >>> out = head_outputs(h, w, torch.tensor([2, 1]), None, Transform(), -100,
         ...                    Outputs(entropy=True, is_top1=True), None)
         >>> out.log_probs, out.entropy, out.is_top1
-        (tensor([-0.4644, -0.1967]), tensor([0.9060, 0.5876]), tensor([ True,  True]))
+        (tensor([-0.4644, -0.1967]), tensor([0.9060, 0.5876]), tensor([True, True]))
     """
     values = [transform.temperature, transform.logit_scale, transform.softcap or 0.0]
     log_prob, _, entropy, log_sum_sq, mean, top1 = _log_probs_op(
