@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import xentkit
 from xentkit import reference
-from xentkit.kernels import chunked
+from xentkit.kernels import _memory, chunked
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("none", "mean", "sum")
@@ -358,7 +358,7 @@ def test_weight_requiring_grad_runs_the_reference():
 
 def test_huge_page_gradient_buffer(monkeypatch):
     """A large gradient buffer (here: any) is mapped memory that lives as long as the tensor."""
-    monkeypatch.setattr(chunked, "HUGE_PAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(_memory, "HUGE_PAGE_MIN_BYTES", 0)
     logits, target, _ = make_case(torch.Generator().manual_seed(5), 6, 5, torch.float32)
     target_of[0] = target
     with kernel_mode(False):

@@ -24,7 +24,6 @@ ways to it and to PyTorch.
 
 from __future__ import annotations
 
-import mmap
 import os
 import warnings
 
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
-from xentkit.kernels import row_stats
+from xentkit.kernels import _memory, row_stats
 from xentkit.kernels._fused_op import fused_cross_entropy
 
 # Elements per chunk of rows in the eager path: about 2 MiB of float32, so a chunk and the
@@ -75,28 +74,13 @@ def reset_compiled() -> None:
     torch._dynamo.reset()
 
 
-# Gradient buffers at least this large are mapped with transparent huge pages where the OS
-# allows it (see _gradient_buffer).
-HUGE_PAGE_MIN_BYTES = 32 << 20
-
-
 def _gradient_buffer(logits: Tensor) -> Tensor:
-    """An uninitialised tensor like ``logits`` for the gradient.
-
-    A fresh buffer this large is a fresh memory mapping whose 4 KiB pages fault in one by one
-    as the kernel first writes them, which costs more than the kernel's own work on many
-    machines. On Linux a large CPU buffer is mapped with ``MADV_HUGEPAGE`` instead (2 MiB
-    pages, 512 times fewer faults), as torch's own allocator does when
-    ``THP_MEM_ALLOC_ENABLE=1``; it is freed with the tensor like any other.
-    """
-    nbytes = logits.numel() * logits.element_size()
-    if logits.device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES:
+    """An uninitialised tensor like ``logits`` for the gradient: huge-page mapped when large
+    (:mod:`xentkit.kernels._memory`), since faulting in its 4 KiB pages one by one would cost
+    more than the kernel itself."""
+    if not logits.is_contiguous():
         return torch.empty_like(logits)
-    if not hasattr(mmap, "MADV_HUGEPAGE") or not logits.is_contiguous():
-        return torch.empty_like(logits)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(memory, dtype=logits.dtype).view(logits.shape)
+    return _memory.large_empty(logits.shape, logits.dtype, logits.device)
 
 
 def _fused_rows(

@@ -2,16 +2,18 @@ r"""Fused linear cross entropy in torch ops: the LM head and the loss over token
 
 ``cross_entropy(hidden @ weight.T + bias, target)`` for ``M`` tokens and ``V`` classes would
 build ``M x V`` logits and as many gradients. Here the tokens are walked in chunks of ``m``
-rows; for each chunk the logits are computed, the loss terms and their gradient are written
-into the same ``m x V`` buffer by :func:`xentkit.kernels.chunked.loss_and_grad`, and that
-gradient is pushed through the head at once:
+rows; for each chunk the logits are computed into one reused ``m x V`` buffer, the loss terms
+and their gradient by :func:`xentkit.kernels.chunked.loss_and_grad` (the gradient into a second
+reused buffer on the CPU, over the logits with Triton's row kernel), and that gradient is
+pushed through the head at once:
 
 .. math:: G = \partial L / \partial Z_{\text{chunk}}, \qquad
           \nabla_H \mathrel{+}= G W, \quad \nabla_W \mathrel{+}= G^\top H_{\text{chunk}},
           \quad \nabla_b \mathrel{+}= \textstyle\sum_{\text{rows}} G
 
-so the extra memory is one chunk of logits (and the float32 working copy ``loss_and_grad``
-makes of it) plus the float32 weight gradient, whatever ``M`` is.
+so the extra memory is two chunks of logits (one on CUDA; plus the float32 working copy
+``loss_and_grad`` makes of half-precision logits) plus the float32 weight gradient, whatever
+``M`` is: about 2 x :data:`CHUNK_BYTES` on the CPU, traded for speed by ``chunk_size``.
 Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
 
 For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
@@ -45,16 +47,17 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
-from xentkit.kernels import row_stats
+from xentkit.kernels import _memory, row_stats
 from xentkit.kernels._fused_op import graph_is_kept
 from xentkit.kernels.chunked import loss_and_grad
 
-# About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk:
-# a chunk is walked several times by loss_and_grad, so it should stay near the last-level cache
-# (loss_and_grad also holds one float32 working copy of it at its peak).
-CHUNK_BYTES = 32 * 2**20
-# Each chunk reads and writes the whole V x D weight-gradient accumulator once while doing
-# 6 m V D flops of matrix products, so below ~128 rows the accumulator traffic starts to show.
+# About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk
+# on the CPU. Every chunk reads and writes the whole float32 V x D weight-gradient accumulator
+# once while doing 6 m V D flops of matrix products, so small chunks add memory traffic to the
+# products (~15% at 128 rows, D = 1024, V = 128256 on the project's 2-core machine); 128 MiB
+# (256 rows there, ~1000 at V = 32768) measured within noise of the products alone. Two such
+# buffers are held (the logits and their gradient), whatever the number of tokens.
+CHUNK_BYTES = 128 * 2**20
 MIN_CHUNK_ROWS = 128
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
 # writes the float32 (V, D) weight-gradient accumulator (about 12 bytes per entry with the
@@ -84,9 +87,9 @@ def auto_chunk_size(
 
     Example:
         >>> auto_chunk_size(32768, 1024, torch.float32)
-        224
+        960
         >>> auto_chunk_size(128256, 4096, torch.bfloat16)
-        128
+        480
         >>> auto_chunk_size(128256, 4096, torch.bfloat16, "cuda")
         4096
     """
@@ -145,8 +148,10 @@ class Problem:
         return torch.addmm(self.bias, hidden, self.weight.T, out=out)
 
     def buffer(self) -> Tensor:
-        """The one ``(m, V)`` logits buffer every chunk reuses."""
-        return self.hidden.new_empty(self.rows, self.weight.shape[0])
+        """An ``(m, V)`` buffer every chunk reuses (huge-page mapped on the CPU: a fresh
+        mapping of 4 KiB pages would fault in page by page)."""
+        shape = (self.rows, self.weight.shape[0])
+        return _memory.large_empty(shape, self.hidden.dtype, self.hidden.device)
 
     def denominators(self, reduction: str) -> tuple[Tensor, Tensor]:
         """What the cross-entropy and z-loss sums are divided by: for the mean, the summed
@@ -173,7 +178,7 @@ def _gradient_buffers(
         alloc = torch.zeros_like if zero_hidden else torch.empty_like
         gh = alloc(hidden, memory_format=torch.contiguous_format)
     if needs[1]:
-        gw = torch.zeros_like(weight, dtype=acc, memory_format=torch.contiguous_format)
+        gw = _memory.large_zeros(weight.shape, acc, weight.device)
     if needs[2]:
         gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
     return gh, gw, gb
@@ -290,6 +295,14 @@ def _row_kernel(logits: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor | 
     return triton_loss_and_grad if name == "triton" else loss_and_grad
 
 
+def _gradient_buffer(problem: Problem) -> Tensor | None:
+    """Where the row kernel writes each chunk's gradient: over the chunk's logits (None) for
+    Triton's row kernel; a second chunk buffer for the compiled CPU kernel, since torch 2.13's
+    inductor fails to compile it writing over its own input once a chunk passes ~64 MiB, and
+    the eager kernel it would fall back to costs more time than the buffer costs memory."""
+    return None if _row_kernel(problem.hidden) is triton_loss_and_grad else problem.buffer()
+
+
 def _chunk_stats(problem: Problem, logits: Tensor, target: Tensor, where, per_row) -> None:
     """Write one chunk's ``(lse, entropy, is_top1)`` into ``per_row`` at ``where``, from a
     float32 copy of its (soft-capped) logits, by the chunk's row kernel's device."""
@@ -320,7 +333,7 @@ def _forward(
         zero.new_zeros(rows),
         torch.zeros_like(problem.target[:rows], dtype=torch.bool),
     ]
-    buffer = problem.buffer()
+    buffer, grad_buffer = problem.buffer(), _gradient_buffer(problem)
     for where, hidden, target in problem.chunks():
         logits = problem.logits(hidden, buffer)
         if stats:
@@ -332,7 +345,7 @@ def _forward(
             *problem.options,
             ce_scale=1.0 if grads.any else None,
             z_scale=ratio,
-            out=logits,
+            out=logits if grad_buffer is None else grad_buffer[: logits.shape[0]],
         )
         if losses is not None:
             losses[where] = ce + z
@@ -374,12 +387,14 @@ def _backward_per_token(
     """Gradients of ``sum_i grad_output_i * loss_i``: each row's logits gradient is scaled by
     its ``grad_output``."""
     grad_output = grad_output.to(problem.acc)
+    grad_buffer = _gradient_buffer(problem)
 
     def chunk_grad(where: slice | Tensor, logits: Tensor, target: Tensor) -> Tensor:
         scale = grad_output[where]
         options = (problem.class_weight, *problem.options)
+        out = logits if grad_buffer is None else grad_buffer[: logits.shape[0]]
         _, _, grad = _row_kernel(logits)(
-            logits, target, *options, ce_scale=scale, z_scale=scale, out=logits
+            logits, target, *options, ce_scale=scale, z_scale=scale, out=out
         )
         return grad
 
