@@ -38,13 +38,13 @@ DEFAULT_BACKENDS = {
     ("cross_entropy", "cuda"): "triton",
     ("linear_cross_entropy", "cpu"): "chunked",
     ("linear_cross_entropy", "cuda"): "chunked",
-    # Token chunks as above; "triton" runs only the row passes in Triton (its kernels for the
-    # per-row statistics and their gradient), so the products are cuBLAS's here too.
+    # Token chunks as above; "triton" runs only the row passes in Triton (log-probs: the
+    # per-row statistics and their gradient; distillation: both heads' rows, loss and
+    # gradient), so the products are cuBLAS's here too.
     ("linear_log_probs", "cpu"): "chunked",
     ("linear_log_probs", "cuda"): "triton",
-    # Torch ops over token chunks on every device (no Triton kernel is written for it).
     ("linear_distillation_loss", "cpu"): "chunked",
-    ("linear_distillation_loss", "cuda"): "chunked",
+    ("linear_distillation_loss", "cuda"): "triton",
 }
 
 # Whether Triton can be imported, looked up once (a lookup is not traceable by torch.compile).
@@ -560,8 +560,9 @@ def linear_log_probs(
         ignore_index: positions with this target get 0 (and no gradient).
         chunk_size: tokens per chunk for the fused backend (chosen from V and D when None).
         process_group: not supported yet (vocab-parallel log-probs are not written).
-        backend: ``"chunked"`` (the default on every device: there is no Triton kernel for
-            this function yet, and ``"triton"`` raises) or ``"reference"``.
+        backend: ``"chunked"`` (the CPU default: token chunks, torch ops), ``"triton"`` (the
+            CUDA default: the same chunks and matrix products, the row passes Triton kernels)
+            or ``"reference"`` (builds the logits).
     Returns:
         ``log_prob`` of the target's shape, or ``(log_prob, entropy)`` with
         ``return_entropy``; in the input's dtype (float32 under autocast, where the head runs
@@ -744,8 +745,9 @@ def linear_distillation_loss(
             PyTorch's ``cross_entropy`` gives), ``"sum"``, or ``"none"`` (the tokens' shape, 0
             where ignored).
         chunk_size: tokens per chunk for the fused backend (chosen from V and D when None).
-        backend: ``"chunked"`` (the default on every device: there is no Triton kernel for
-            this function, and ``"triton"`` raises) or ``"reference"`` (builds both logits).
+        backend: ``"chunked"`` (the default: token chunks, torch ops, on any device),
+            ``"triton"`` (the same chunks and matrix products, each chunk's row passes one
+            Triton kernel) or ``"reference"`` (builds both logits).
     Returns:
         a scalar, or the tokens' shape for ``reduction="none"``; in the student's dtype
         (float32 under autocast, where both heads run in the autocast dtype).
@@ -785,11 +787,6 @@ def linear_distillation_loss(
         _checks.check_target_range(labels, student_weight.shape[0], ignore_index)
     options = (beta, temperature, hard_weight, ignore_index)
     name = resolve_backend(backend, "linear_distillation_loss", student.device)
-    if name == "triton":
-        raise NotImplementedError(
-            "linear_distillation_loss has no Triton kernel: use backend='chunked' (the default, "
-            "torch ops on any device, CUDA included) or backend='reference'."
-        )
     if name == "reference":
         student_logits = F.linear(student, student_weight, student_bias)
         teacher_logits = F.linear(teacher, teacher_weight, teacher_bias)
@@ -799,9 +796,11 @@ def linear_distillation_loss(
     else:
         from xentkit.kernels import linear_distill as fused
 
+        # "triton": the same token chunks and matrix products, each chunk's row passes one
+        # Triton kernel.
         loss = fused.linear_distillation_loss(
             student, student_weight, teacher, teacher_weight, labels, student_bias,
-            teacher_bias, *options, reduction, chunk_size,
+            teacher_bias, *options, reduction, chunk_size, name == "triton",
         )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(student_input.shape[:-1])

@@ -207,10 +207,12 @@ def _walk(
     grads: _Gradients,
     losses: Tensor | None,
     grad_output: Tensor | None = None,
+    triton_rows: bool = False,
 ) -> Tensor:
     """Walk the chunks: each row's loss into ``losses`` (when given) and the gradient of
     ``sum_i g_i loss_i`` (``g = grad_output``, 1 when None) through the student's head into
-    ``grads``; returns the summed loss."""
+    ``grads``; returns the summed loss. ``triton_rows`` runs each chunk's row passes as one
+    Triton kernel (:func:`xentkit.kernels.triton.distill_rows`) instead of :func:`_chunk`."""
     beta, temperature, hard_weight = options
     problem, acc = heads.problem, heads.acc
     teacher_weight, teacher_bias = heads.teacher[1:]
@@ -221,8 +223,16 @@ def _walk(
         s = _scaled_logits(hidden, problem.weight, problem.bias, student_buffer, temperature, acc)
         t = _scaled_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_buffer,
                            temperature, acc)  # fmt: skip
-        work = scratch[:, :m]
-        loss, grad = _chunk(s, t, target, work, beta, temperature, hard_weight, grads.any)
+        if triton_rows:
+            from xentkit.kernels import triton as kernels
+
+            labels = target if target is not None else s.new_zeros(m, dtype=torch.long)
+            loss, grad = kernels.distill_rows(
+                s, t, labels, beta, temperature, hard_weight, grads.any
+            )
+        else:
+            work = scratch[:, :m]
+            loss, grad = _chunk(s, t, target, work, beta, temperature, hard_weight, grads.any)
         if losses is not None:
             losses[where] = loss
         total += loss.sum()
@@ -252,6 +262,7 @@ def _distill_op(
     reduction: str,
     chunk_size: int | None,
     needs: list[bool],
+    triton_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, unit, grad_input, grad_weight, grad_bias)`` of the student: for the mean and
     the sum the gradients asked for by ``needs`` of the summed loss, which the backward
@@ -265,7 +276,7 @@ def _distill_op(
     early = tuple(needs) if reduction != "none" else (False, False, False)
     grads = _Gradients(problem, early)
     losses = problem.hidden.new_zeros(problem.target.shape[0], dtype=heads.acc)
-    total = _walk(heads, (beta, temperature, hard_weight), grads, losses)
+    total = _walk(heads, (beta, temperature, hard_weight), grads, losses, None, triton_rows)
     unit = torch.ones((), dtype=heads.acc, device=problem.hidden.device)
     loss = {"none": losses, "sum": total}.get(reduction)
     if reduction == "mean":
@@ -278,7 +289,7 @@ def _distill_op(
 
 @_distill_op.register_fake
 def _(student_input, student_weight, teacher_input, teacher_weight, target, *options):
-    reduction, needs = options[-3], options[-1]
+    reduction, needs = options[-4], options[-2]
     acc = reference.accumulation_dtype(student_input.dtype)
     rows = student_input.shape[0]
     loss = student_input.new_empty((rows,) if reduction == "none" else (), dtype=acc)
@@ -304,6 +315,7 @@ def _distill_backward_op(
     ignore_index: int,
     chunk_size: int | None,
     needs: list[bool],
+    triton_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The student's gradients of ``sum_i grad_output_i * loss_i`` (``reduction="none"``) in
     the parameters' dtypes, an empty tensor for each one not asked for."""
@@ -312,7 +324,8 @@ def _distill_backward_op(
         teacher_bias, ignore_index, chunk_size,
     )  # fmt: skip
     grads = _Gradients(heads.problem, tuple(needs))
-    _walk(heads, (beta, temperature, hard_weight), grads, None, grad_output.to(heads.acc))
+    options = (beta, temperature, hard_weight)
+    _walk(heads, options, grads, None, grad_output.to(heads.acc), triton_rows)
     params = (student_input, student_weight, student_bias)
     return tuple(
         g.to(p.dtype) if need else g
@@ -322,7 +335,7 @@ def _distill_backward_op(
 
 @_distill_backward_op.register_fake
 def _(grad_output, student_input, student_weight, *options):
-    needs, bias = options[-1], options[3]
+    needs, bias = options[-2], options[3]
     params = (student_input, student_weight, bias)
     return tuple(
         torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -333,12 +346,14 @@ def _(grad_output, student_input, student_weight, *options):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    s_in, s_w, t_in, t_w, target, s_b, t_b, *options, needs = inputs
+    s_in, s_w, t_in, t_w, target, s_b, t_b, *options, needs, triton_rows = inputs
     beta, temperature, hard_weight, ignore_index, reduction, chunk_size = options
     ctx.reduction, ctx.needs = reduction, needs
     ctx.dtypes = tuple(None if p is None else p.dtype for p in (s_in, s_w, s_b))
     if reduction == "none":
-        ctx.options = (beta, temperature, hard_weight, ignore_index, chunk_size, needs)
+        ctx.options = (
+            beta, temperature, hard_weight, ignore_index, chunk_size, needs, triton_rows
+        )  # fmt: skip
         # Saved through autograd so that a backward which reads the inputs again notices
         # in-place changes to them.
         ctx.save_for_backward(s_in, s_w, t_in, t_w, target, s_b, t_b)
@@ -349,7 +364,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_loss: Tensor | None, *_unused):
-    none = (None,) * 8
+    none = (None,) * 9
     if grad_loss is None:
         return None, None, None, None, None, None, *none
     if ctx.reduction == "none":
@@ -383,6 +398,7 @@ def linear_distillation_loss(
     ignore_index: int,
     reduction: str,
     chunk_size: int | None,
+    triton_rows: bool = False,
 ) -> Tensor:
     r"""Fused generalized JSD between the student's and the teacher's heads, over token chunks.
 
@@ -406,6 +422,8 @@ def linear_distillation_loss(
         ignore_index: targets whose tokens count for nothing.
         reduction: ``"mean"`` (over counted tokens), ``"sum"`` or ``"none"``.
         chunk_size: tokens per chunk; :func:`~.linear_chunked.auto_chunk_size` when None.
+        triton_rows: run each chunk's row passes as one Triton kernel (CUDA, or
+            ``TRITON_INTERPRET=1``); the matrix products are the same either way.
     Returns:
         ``(M,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64 input).
 
@@ -421,5 +439,5 @@ def linear_distillation_loss(
     options = (beta, temperature, hard_weight, ignore_index, reduction, chunk_size)
     return _distill_op(
         student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
-        teacher_bias, *options, needs,
+        teacher_bias, *options, needs, triton_rows,
     )[0]  # fmt: skip

@@ -38,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -1023,3 +1025,159 @@ def log_prob_grad(
             num_classes, ACC=_TL[x.dtype], HAS_B=has_b, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
     return x
+
+
+# ---------------------------------------------------------------- distillation rows
+
+
+@triton.jit
+def _floored_log_softmax(x, lse):
+    """``log_softmax`` from a row's log-sum-exp, floored at reference.LOG_PROB_FLOOR (a class
+    masked with -inf adds ``0 * floor = 0``, not NaN)."""
+    return tl.maximum(x - lse, -1e4)
+
+
+@triton.jit
+def _distill_rows_kernel(
+    s_ptr,
+    t_ptr,
+    stride,
+    target_ptr,
+    loss_ptr,
+    consts_ptr,
+    num_classes,
+    ACC: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_HARD: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One row of :func:`xentkit.kernels.linear_distill._chunk`: the student's and the
+    teacher's scaled logits ``s`` and ``t`` reduced by row_stats' block merge to their
+    log-sum-exps (sweep 1), the divergence of ``MODE`` (0: KL(q || p), 1: KL(p || q), 2: the
+    generalized JSD) and the hard term (sweep 2), then the gradient with respect to the raw
+    student logits, written over ``s`` (sweep 3). ``consts`` holds, in the accumulation dtype
+    (a float argument would reach the kernel as float32), beta, the temperature, the hard
+    weight, log(1 - beta) and log(beta)."""
+    beta = tl.load(consts_ptr)
+    temperature = tl.load(consts_ptr + 1)
+    hard_weight = tl.load(consts_ptr + 2)
+    log_a = tl.load(consts_ptr + 3)  # the mixture's log-weights, used by MODE 2 only
+    log_b = tl.load(consts_ptr + 4)
+    row = tl.program_id(0).to(tl.int64)
+    s_ptr += row * stride
+    t_ptr += row * stride
+    m_s = tl.full((), float("-inf"), ACC)
+    m_t = tl.full((), float("-inf"), ACC)
+    sum_s = tl.zeros((), ACC)
+    sum_t = tl.zeros((), ACC)
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < num_classes
+        xs = tl.load(s_ptr + cols, mask=mask, other=float("-inf")).to(ACC)
+        xt = tl.load(t_ptr + cols, mask=mask, other=float("-inf")).to(ACC)
+        mb, sb, _, _ = _block_stats(xs, 0, False, False)
+        m_s, sum_s, _, _ = _merge(m_s, sum_s, 0.0, 0.0, mb, sb, 0.0, 0.0)
+        mb, sb, _, _ = _block_stats(xt, 0, False, False)
+        m_t, sum_t, _, _ = _merge(m_t, sum_t, 0.0, 0.0, mb, sb, 0.0, 0.0)
+    lse_s = _shift(m_s) + tl.log(sum_s)
+    lse_t = _shift(m_t) + tl.log(sum_t)
+
+    # Sweep 2: the divergence's sums, and the hard term's log-sum-exp of z = T log p.
+    total = tl.zeros((), ACC)  # KL(q || p), KL(p || q) or KL(q || m)
+    k = tl.zeros((), ACC)  # MODE 2: K = KL(p || m)
+    m_z = tl.full((), float("-inf"), ACC)
+    sum_z = tl.zeros((), ACC)
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < num_classes
+        log_p = _floored_log_softmax(tl.load(s_ptr + cols, mask=mask, other=0.0).to(ACC), lse_s)
+        log_q = _floored_log_softmax(tl.load(t_ptr + cols, mask=mask, other=0.0).to(ACC), lse_t)
+        p = tl.where(mask, tl.exp(log_p), 0.0)
+        q = tl.where(mask, tl.exp(log_q), 0.0)
+        if MODE == 0:
+            total += tl.sum(q * (log_q - log_p), 0)
+        elif MODE == 1:
+            total += tl.sum(p * (log_p - log_q), 0)
+        else:
+            a = log_p + log_a
+            b = log_q + log_b
+            top = tl.maximum(a, b)
+            log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+            total += tl.sum(q * (log_q - log_m), 0)
+            k += tl.sum(p * (log_p - log_m), 0)
+        if HAS_HARD:
+            z = tl.where(mask, temperature * log_p, float("-inf"))
+            mb, sb, _, _ = _block_stats(z, 0, False, False)
+            m_z, sum_z, _, _ = _merge(m_z, sum_z, 0.0, 0.0, mb, sb, 0.0, 0.0)
+    soft = total
+    if MODE == 2:
+        soft = beta * total + (1.0 - beta) * k
+    loss = soft
+    lse_z = tl.zeros((), ACC)
+    target = 0
+    if HAS_HARD:
+        lse_z = _shift(m_z) + tl.log(sum_z)
+        target = tl.load(target_ptr + row)
+        z_t = temperature * _floored_log_softmax(tl.load(s_ptr + target).to(ACC), lse_s)
+        loss = (1.0 - hard_weight) * soft + hard_weight * (lse_z - z_t)
+    tl.store(loss_ptr + row, loss)
+
+    if WANT_GRAD:
+        # d/dz = (1 / T) d/ds; the divergence's gradient is c G, c = 1 - beta for MODE 2.
+        if MODE == 2:
+            scale = (1.0 - hard_weight) * (1.0 - beta) / temperature
+        else:
+            scale = (1.0 - hard_weight) / temperature
+        for start in range(0, num_classes, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < num_classes
+            log_p = _floored_log_softmax(tl.load(s_ptr + cols, mask=mask, other=0.0).to(ACC), lse_s)
+            log_q = _floored_log_softmax(tl.load(t_ptr + cols, mask=mask, other=0.0).to(ACC), lse_t)
+            p = tl.exp(log_p)
+            if MODE == 0:  # p - q
+                grad = p - tl.exp(log_q)
+            elif MODE == 1:  # p (log p - log q - D)
+                grad = p * (log_p - log_q - total)
+            else:  # p (log p - log m - K)
+                a = log_p + log_a
+                b = log_q + log_b
+                top = tl.maximum(a, b)
+                log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+                grad = p * (log_p - log_m - k)
+            grad = grad * scale
+            if HAS_HARD:  # + lambda (softmax(z) - one_hot(y))
+                z = temperature * log_p
+                hard = tl.exp(z - lse_z) - tl.where(cols == target, 1.0, 0.0)
+                grad += hard_weight * hard
+            tl.store(s_ptr + cols, grad.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+def distill_rows(
+    s: Tensor,
+    t: Tensor,
+    target: Tensor,
+    beta: float,
+    temperature: float,
+    hard_weight: float,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`xentkit.kernels.linear_distill._chunk` (same arguments but the working buffers,
+    same results) by one launch of :func:`_distill_rows_kernel`: the per-row loss, and with
+    ``want_grad`` the gradient with respect to the student's raw logits, written over ``s``."""
+    _check_device(s, t, target)
+    s, t = s.contiguous(), t.contiguous()
+    rows, num_classes = s.shape
+    loss = s.new_empty(rows)
+    if rows:
+        block, warps = _ce_block(num_classes)
+        mode = 0 if beta == 0.0 else 1 if beta == 1.0 else 2
+        mixture = (math.log1p(-beta), math.log(beta)) if mode == 2 else (0.0, 0.0)
+        consts = torch.tensor([beta, temperature, hard_weight, *mixture], dtype=s.dtype,
+                              device=s.device)  # fmt: skip
+        _distill_rows_kernel[(rows,)](
+            s, t, s.stride(0), target, loss, consts, num_classes,
+            ACC=_TL[s.dtype], MODE=mode, HAS_HARD=hard_weight > 0, WANT_GRAD=want_grad,
+            BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return loss, s if want_grad else None
