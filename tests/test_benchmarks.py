@@ -134,7 +134,7 @@ def test_every_provider_computes_the_same_gradients(suite):
     shape = Shape(6, 4, 10)
     grads = {}
     for provider in suite.providers:
-        if provider in ("floor", "cce"):
+        if provider in ("floor", "floor-copy", "cce"):
             continue
         torch.manual_seed(0)
         grads[provider] = suite.build(provider, shape, torch.float32, "eager").step()
