@@ -117,11 +117,52 @@ def test_a_target_that_needs_a_gradient_runs_the_reference():
     torch.testing.assert_close(grad, -torch.log_softmax(logits, 1) / 3)
 
 
-def test_the_triton_backend_runs_soft_targets_on_the_chunked_kernel():
-    logits, probs, _ = _problem(5, 3, 4, torch.float32)
-    loss = xentkit.cross_entropy(logits.requires_grad_(), probs, backend="triton")
-    assert "chunked_cross_entropy" in loss.grad_fn.name()
-    torch.testing.assert_close(loss, F.cross_entropy(logits, probs))
+@pytest.mark.triton
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_triton_kernel_matches_the_reference(reduction, dtype, inplace):
+    """Triton's soft-target row kernel (through the interpreter, TRITON_INTERPRET=1 from
+    conftest.py), every option, against the float64 reference."""
+    pytest.importorskip("triton")
+    logits, probs, grad_out = _problem(4, 7, 300, dtype)  # 300 classes: several blocks
+    weight = torch.rand(300, dtype=torch.float64) + 0.5
+    for options in (
+        {},
+        {"label_smoothing": 0.2, "z_loss": 0.05, "softcap": 2.5, "weight": weight},
+    ):
+        mine = {**options, "reduction": reduction, "inplace_backward": inplace}
+        if "weight" in mine:
+            mine["weight"] = weight.to(dtype)
+        loss, grad = _value_and_grad(
+            lambda x, o=mine: xentkit.cross_entropy(x * 1, probs, backend="triton", **o),
+            logits,
+            grad_out,
+        )
+        exact = {**options, "reduction": reduction}
+        want_loss, want_grad = _value_and_grad(
+            lambda x, o=exact: xentkit.cross_entropy(x, probs.double(), backend="reference", **o),
+            logits.double(),
+            grad_out,
+        )
+        close(loss.double(), want_loss, LOSS_TOL[dtype])
+        close(grad, want_grad, GRAD_TOL[dtype])
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaNs
+def test_the_triton_kernel_handles_non_finite_logits_as_torch():
+    pytest.importorskip("triton")
+    logits, probs, grad_out = _problem(2, 4, 5, torch.float32)
+    logits[0, 2], logits[1, 3], logits[2, 1] = float("-inf"), float("-inf"), float("inf")
+    probs[1] = torch.tensor([0.0, 0, 1, 0, 0])
+    got = _value_and_grad(
+        lambda x: xentkit.cross_entropy(x, probs, reduction="none", backend="triton"),
+        logits,
+        grad_out,
+    )
+    want = _value_and_grad(lambda x: F.cross_entropy(x, probs, reduction="none"), logits, grad_out)
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 # Peak resident memory of one forward + backward in a fresh process (VmHWM reset after the

@@ -65,8 +65,7 @@ def resolve_backend(
     """The backend to run: ``backend`` when given, else the default for ``device`` (where
     that is ``"triton"`` and Triton is not installed, ``"chunked"``). A class ``weight`` or a
     probability ``target`` that needs a gradient always runs the reference: the fused kernels
-    differentiate the logits only. Probability targets have no Triton kernel: ``"triton"``
-    runs them on the chunked kernel (torch ops, on any device).
+    differentiate the logits only.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(
@@ -76,8 +75,7 @@ def resolve_backend(
     if differentiated and torch.is_grad_enabled():
         return "reference"
     name = backend or DEFAULT_BACKENDS.get((function, device.type), "reference")
-    soft = target is not None and target.is_floating_point()
-    if name == "triton" and (soft or (backend is None and not _triton_installed())):
+    if name == "triton" and backend is None and not _triton_installed():
         return "chunked"
     return name
 

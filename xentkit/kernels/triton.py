@@ -254,6 +254,88 @@ def _cross_entropy_kernel(
 
 
 @triton.jit
+def _soft_cross_entropy_kernel(
+    logits_ptr,
+    logits_stride,
+    grad_ptr,
+    grad_stride,
+    y_ptr,
+    y_stride,
+    weight_ptr,
+    consts_ptr,
+    ce_ptr,
+    z_ptr,
+    num_classes,
+    ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    r"""One row with probability targets :math:`y`: with :math:`u = w((1-\varepsilon) y +
+    \varepsilon / V)`, its loss :math:`\sum_j u_j (\mathrm{lse} - x'_j)` and z-loss (sweep 1,
+    the log-sum-exp by row_stats' block merge), then (``COMPUTE_GRAD``) its gradient
+    :math:`p_j (a U + 2 b z\,\mathrm{lse}) - a u_j` times the softcap's derivative (sweep 2),
+    where :math:`U = \sum_j u_j` (:func:`xentkit.kernels.chunked._soft_rows` in torch ops)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * logits_stride
+    y_ptr += row * y_stride
+    softcap = tl.load(consts_ptr + _SOFTCAP)
+    eps = tl.load(consts_ptr + _SMOOTHING)
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    total_u = tl.zeros((), ACC)
+    total_ux = tl.zeros((), ACC)
+    for start in range(0, num_classes, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < num_classes
+        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_SOFTCAP:
+            x = _softcap(x, softcap)
+        u = tl.load(y_ptr + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_SMOOTHING:
+            u = (1 - eps) * u + eps / num_classes
+        if HAS_WEIGHT:
+            u *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+        u = tl.where(mask, u, 0.0)
+        total_u += tl.sum(u, 0)
+        total_ux += tl.sum(tl.where(mask, u * x, 0.0), 0)
+        m_b, s_b, _, _ = _block_stats(tl.where(mask, x, float("-inf")), 0, False, False)
+        m, s, _, _ = _merge(m, s, 0.0, 0.0, m_b, s_b, 0.0, 0.0)
+    lse = _shift(m) + tl.log(s)
+    tl.store(ce_ptr + row, total_u * lse - total_ux)
+    z = tl.zeros_like(lse)
+    if HAS_Z:
+        z = tl.load(consts_ptr + _Z_LOSS) * lse * lse
+    tl.store(z_ptr + row, z)
+
+    if COMPUTE_GRAD:
+        grad_ptr += row * grad_stride
+        a = tl.load(consts_ptr + _CE_SCALE)
+        coef = a * total_u
+        if HAS_Z:
+            coef += 2 * tl.load(consts_ptr + _Z_SCALE) * tl.load(consts_ptr + _Z_LOSS) * lse
+        for start in range(0, num_classes, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < num_classes
+            x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SOFTCAP:
+                x = _softcap(x, softcap)
+            u = tl.load(y_ptr + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_SMOOTHING:
+                u = (1 - eps) * u + eps / num_classes
+            if HAS_WEIGHT:
+                u *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            grad = tl.exp(x - lse) * coef - a * u
+            if HAS_SOFTCAP:
+                capped = x / softcap
+                grad *= 1 - capped * capped
+            tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _logits_tile(
     h_ptr,
     h_stride,
@@ -585,6 +667,9 @@ def _forward(
         logits = logits.contiguous()
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()
+    if target.is_floating_point():
+        options = (weight, reduction, label_smoothing, z_loss, softcap, compute_grad, out)
+        return _soft_forward(logits, target, *options)
     denominator, count = _denominators(target, weight, ignore_index, acc)
     consts = _constants(
         reduction, denominator, count, weight, num_classes, label_smoothing, z_loss, softcap
@@ -604,6 +689,38 @@ def _forward(
             num_warps=warps,
         )  # fmt: skip
     return _reduce(ce, z, reduction, denominator, count), grad
+
+
+def _soft_forward(
+    logits: Tensor,
+    probs: Tensor,
+    weight: Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    compute_grad: bool,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_forward` for probability targets ``(M, V)``: every row counts, so the mean
+    divides both parts by ``M``; one launch of :func:`_soft_cross_entropy_kernel`."""
+    num_rows, num_classes = logits.shape
+    acc = reference.accumulation_dtype(logits.dtype)
+    rows = torch.full((), num_rows, dtype=acc, device=logits.device)
+    consts = _constants(reduction, rows, rows, weight, num_classes, label_smoothing, z_loss,
+                        softcap)  # fmt: skip
+    ce = torch.empty(num_rows, dtype=acc, device=logits.device)
+    z = torch.empty_like(ce)
+    grad = (torch.empty_like(logits) if out is None else out) if compute_grad else None
+    if num_rows:
+        block, warps = _ce_block(num_classes)
+        dest = logits if grad is None else grad
+        _soft_cross_entropy_kernel[(num_rows,)](
+            logits, logits.stride(0), dest, dest.stride(0), probs, probs.stride(0), weight,
+            consts, ce, z, num_classes, _TL[acc], weight is not None, label_smoothing > 0,
+            z_loss > 0, softcap is not None, compute_grad, block, num_warps=warps,
+        )  # fmt: skip
+    return _reduce(ce, z, reduction, rows, rows), grad
 
 
 _fused_cross_entropy = fused_cross_entropy("triton_cross_entropy", _forward)
