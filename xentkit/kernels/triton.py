@@ -254,6 +254,34 @@ def _cross_entropy_kernel(
 
 
 @triton.jit
+def _soft_block(
+    logits_ptr,
+    y_ptr,
+    weight_ptr,
+    cols,
+    mask,
+    softcap,
+    eps,
+    num_classes,
+    ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """A block of a row's capped logits :math:`x'` and weighted, smoothed targets
+    :math:`u = w((1-\varepsilon) y + \varepsilon / V)` (0 past the row)."""
+    x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_SOFTCAP:
+        x = _softcap(x, softcap)
+    u = tl.load(y_ptr + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_SMOOTHING:
+        u = (1 - eps) * u + eps / num_classes
+    if HAS_WEIGHT:
+        u *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+    return x, tl.where(mask, u, 0.0)
+
+
+@triton.jit
 def _soft_cross_entropy_kernel(
     logits_ptr,
     logits_stride,
@@ -291,15 +319,10 @@ def _soft_cross_entropy_kernel(
     for start in range(0, num_classes, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < num_classes
-        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_SOFTCAP:
-            x = _softcap(x, softcap)
-        u = tl.load(y_ptr + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_SMOOTHING:
-            u = (1 - eps) * u + eps / num_classes
-        if HAS_WEIGHT:
-            u *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
-        u = tl.where(mask, u, 0.0)
+        x, u = _soft_block(
+            logits_ptr, y_ptr, weight_ptr, cols, mask, softcap, eps, num_classes,
+            ACC, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+        )  # fmt: skip
         total_u += tl.sum(u, 0)
         total_ux += tl.sum(tl.where(mask, u * x, 0.0), 0)
         m_b, s_b, _, _ = _block_stats(tl.where(mask, x, float("-inf")), 0, False, False)
@@ -320,14 +343,10 @@ def _soft_cross_entropy_kernel(
         for start in range(0, num_classes, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < num_classes
-            x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(ACC)
-            if HAS_SOFTCAP:
-                x = _softcap(x, softcap)
-            u = tl.load(y_ptr + cols, mask=mask, other=0.0).to(ACC)
-            if HAS_SMOOTHING:
-                u = (1 - eps) * u + eps / num_classes
-            if HAS_WEIGHT:
-                u *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            x, u = _soft_block(
+                logits_ptr, y_ptr, weight_ptr, cols, mask, softcap, eps, num_classes,
+                ACC, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+            )  # fmt: skip
             grad = tl.exp(x - lse) * coef - a * u
             if HAS_SOFTCAP:
                 capped = x / softcap
