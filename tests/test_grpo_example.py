@@ -48,7 +48,7 @@ def test_the_checker_scores_sentences_the_grammar_writes():
 
 def test_the_heads_log_probs_take_less_memory_than_the_unfused_path():
     grpo = _example()
-    peaks = grpo.head_memory(tokens=1024, dim=64, vocab=32768, temperature=1.0)
+    peaks = grpo.head_memory(tokens=4096, dim=64, vocab=32768, temperature=1.0)
     fused, unfused = peaks.values()
     if fused is None or unfused is None:
         return  # no /proc/self/clear_refs here: nothing to compare
