@@ -557,7 +557,9 @@ def linear_log_probs(
         return_entropy: also return the entropy of each position's distribution.
         ignore_index: positions with this target get 0 (and no gradient).
         chunk_size: tokens per chunk for the fused backend (chosen from V and D when None).
-        process_group: not supported yet (vocab-parallel log-probs are not written).
+        process_group: a ``torch.distributed`` group whose ranks each hold a slice of the
+            head's rows (``weight``/``bias``), as for :func:`linear_cross_entropy`; ``input``
+            and ``target`` the same on every rank.
         backend: ``"chunked"`` (the CPU default: token chunks, torch ops), ``"triton"`` (the
             CUDA default: the same chunks and matrix products, the row passes Triton kernels)
             or ``"reference"`` (builds the logits).
