@@ -27,18 +27,15 @@ The rows go to ``benchmarks/results/distill.json`` and its plot to ``distill.png
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
 import xentkit
-from benchmarks import memory, plot, run
+from benchmarks import memory, run
 from benchmarks.bench_linear_cross_entropy import case_label
-from benchmarks.harness import Bench, Job, Shape, Suite, split_backend
+from benchmarks.harness import Bench, Shape, Suite, split_backend
 
 BETA = 0.5
 TEMPERATURE = 0.9
@@ -117,30 +114,8 @@ SUITE = Suite(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the suite through :mod:`benchmarks.run`'s runner; writes its JSON and plot."""
-    arguments = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
-    p.add_argument("--repeats", type=int, help=f"timed calls per row ({SUITE.repeats})")
-    args = p.parse_args(arguments)
-    out = run.QUICK_OUT if args.quick else run.DEFAULT_OUT
-    repeats = args.repeats or (run.QUICK_REPEATS if args.quick else SUITE.repeats)
-    shapes = SUITE.quick_shapes if args.quick else SUITE.shapes
-    jobs = [
-        Job(SUITE, shape, dtype, provider, repeats, quick=args.quick)
-        for shape in shapes
-        for dtype in SUITE.dtypes
-        for provider in SUITE.providers
-    ]
-    # The runner looks suites up by name in its registry, which does not list this one.
-    run.SUITES.setdefault(SUITE.name, SUITE)
-    command = shlex.join(["python", "-m", "benchmarks.bench_distill", *arguments])
-    console = Console()
-    for data in run.run_suites({SUITE.name: jobs}, {SUITE.name: []}, out, command, console):
-        run.report.print_suite(data, console)
-        image = plot.plot_suite(data, out / f"{SUITE.name}.png")
-        console.print(f"wrote {out / (SUITE.name + '.json')} and {image}")
-    return 0
+    """Runs the suite(s) through :mod:`benchmarks.run`'s runner: JSON, plots, RESULTS.md."""
+    return run.run_standalone([SUITE], "benchmarks.bench_distill", argv)
 
 
 if __name__ == "__main__":

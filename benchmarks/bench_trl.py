@@ -34,16 +34,12 @@ a temporary folder), in the schema of the other suites, with a PNG beside each.
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 
 import torch
-from rich.console import Console
 
-from benchmarks import plot
 from benchmarks.bench_linear_cross_entropy import case_label
-from benchmarks.harness import Bench, Job, Shape, Skip, Suite, split_backend
+from benchmarks.harness import Bench, Shape, Skip, Suite, split_backend
 
 TEMPERATURE = 0.7
 BETA = 0.5
@@ -172,40 +168,11 @@ SUITES = (LOG_PROBS, DISTILL)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs both suites through :mod:`benchmarks.run`'s runner; writes their JSON and PNG."""
+    """Runs the suite(s) through :mod:`benchmarks.run`'s runner: JSON, plots, RESULTS.md."""
     # Imported here: benchmarks.run imports this module to register its suites.
     from benchmarks import run
 
-    arguments = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
-    p.add_argument("--repeats", type=int, help=f"timed calls per row ({LOG_PROBS.repeats})")
-    args = p.parse_args(arguments)
-    out = run.QUICK_OUT if args.quick else run.DEFAULT_OUT
-    jobs = {
-        suite.name: [
-            Job(
-                suite,
-                shape,
-                dtype,
-                provider,
-                args.repeats or (run.QUICK_REPEATS if args.quick else suite.repeats),
-                quick=args.quick,
-            )
-            for shape in (suite.quick_shapes if args.quick else suite.shapes)
-            for dtype in suite.dtypes
-            for provider in suite.providers
-        ]
-        for suite in SUITES
-    }
-    for suite in SUITES:
-        run.SUITES.setdefault(suite.name, suite)
-    command = shlex.join(["python", "-m", "benchmarks.bench_trl", *arguments])
-    console = Console()
-    for data in run.run_suites(jobs, {name: [] for name in jobs}, out, command, console):
-        run.report.print_suite(data, console)
-        plot.plot_suite(data, out / f"{data['suite']}.png")
-    return 0
+    return run.run_standalone(list(SUITES), "benchmarks.bench_trl", argv)
 
 
 if __name__ == "__main__":

@@ -345,6 +345,38 @@ def write_outputs(out: Path, report_path: Path, console: Console) -> bool:
     return True
 
 
+def run_standalone(suites: list[Suite], module: str, argv: list[str] | None = None) -> int:
+    """``python -m MODULE [--quick] [--repeats N]``: runs ``suites`` (measured on their own,
+    outside the default run) through this runner; writes their JSON and plots, and remakes
+    RESULTS.md from every suite's JSON."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog=f"python -m {module}")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
+    p.add_argument("--repeats", type=int, help="timed calls per row (default: the suite's)")
+    args = p.parse_args(arguments)
+    out = QUICK_OUT if args.quick else DEFAULT_OUT
+    default = {suite.name: QUICK_REPEATS if args.quick else suite.repeats for suite in suites}
+    repeats = {name: args.repeats or value for name, value in default.items()}
+    jobs = {
+        suite.name: [
+            Job(suite, shape, dtype, provider, repeats[suite.name], quick=args.quick)
+            for shape in (suite.quick_shapes if args.quick else suite.shapes)
+            for dtype in suite.dtypes
+            for provider in suite.providers
+        ]
+        for suite in suites
+    }
+    for suite in suites:  # the runner looks suites up by name
+        SUITES.setdefault(suite.name, suite)
+    command = shlex.join(["python", "-m", module, *arguments])
+    console = Console()
+    for data in run_suites(jobs, {name: [] for name in jobs}, out, command, console):
+        report.print_suite(data, console)
+    report_path = DEFAULT_REPORT if out == DEFAULT_OUT else out / "RESULTS.md"
+    write_outputs(out, report_path, console)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmarks; returns 1 when a row failed with an error (not OOM), else 0."""
     arguments = sys.argv[1:] if argv is None else list(argv)
