@@ -515,8 +515,8 @@ def _per_row_stats(merged: row_stats.RowStats | None, target: Tensor, stats: boo
     if not stats:
         empty = torch.empty(0, device=target.device)
         return empty, empty, empty.bool()
-    done = row_stats.finish(merged)
-    return done.lse, done.entropy, merged.argmax == target
+    done = row_stats.finish(merged, target)
+    return done.lse, done.entropy, done.is_top1
 
 
 def vocab_parallel_cross_entropy(
@@ -883,18 +883,15 @@ class _VocabParallelHeadOutputs(torch.autograd.Function):
                 sum_x=outputs.mean_logits, argmax=outputs.is_top1,
             )  # fmt: skip
             merged = row_stats.merge(_gather_row_stats(stats, plan))
-            done = row_stats.finish(merged)
+            # Every rank holds the global argmax and the targets: is_top1 needs no collective.
+            done = row_stats.finish(merged, target[chunk], plan.num_classes)
             kept = rows.counted
             log_prob[chunk] = torch.where(kept, done.log_prob, 0.0)
             lse_all[chunk] = done.lse
-            if outputs.entropy:
-                entropy[chunk] = torch.where(kept, done.entropy, 0.0)
-            if outputs.log_sum_sq_probs:
-                log_sum_sq[chunk] = torch.where(kept, done.log_sum_sq_probs, 0.0)
-            if outputs.mean_logits:
-                mean[chunk] = torch.where(kept, merged.sum_x / plan.num_classes, 0.0)
-            if outputs.is_top1:  # every rank holds the global argmax and the targets
-                top1[chunk] = kept & (merged.argmax == target[chunk])
+            fields = zip(Outputs._fields, (entropy, log_sum_sq, mean, top1), strict=True)
+            for name, out in fields:
+                if getattr(outputs, name):
+                    out[chunk] = getattr(done, name).masked_fill(~kept, 0)
         ctx.save_for_backward(hidden, weight, bias, lse_all, entropy)
         ctx.plan, ctx.transform, ctx.rows, ctx.needs = plan, transform, rows_all, needs
         ctx.return_entropy = outputs.entropy

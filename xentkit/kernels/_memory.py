@@ -26,7 +26,7 @@ HUGE_PAGE_MIN_BYTES = 32 << 20
 
 def _mapped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """A huge-page mapping of ``shape`` (zero-filled), or None where it does not apply."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES:
         return None
     if not hasattr(mmap, "MADV_HUGEPAGE"):

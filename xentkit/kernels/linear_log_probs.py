@@ -117,16 +117,11 @@ def _forward(
             sum_x=outputs.mean_logits,
             argmax=outputs.is_top1,
         )
-        done = row_stats.finish(stats)
+        done = row_stats.finish(stats, target, s.shape[-1])
         log_prob[where], lse[where] = done.log_prob, done.lse
-        if outputs.entropy:
-            entropy[where] = done.entropy
-        if outputs.log_sum_sq_probs:
-            log_sum_sq[where] = done.log_sum_sq_probs
-        if outputs.mean_logits:
-            mean[where] = stats.sum_x / s.shape[-1]
-        if outputs.is_top1:
-            top1[where] = stats.argmax == target
+        for name, out in zip(Outputs._fields, (entropy, log_sum_sq, mean, top1), strict=True):
+            if getattr(outputs, name):
+                out[where] = getattr(done, name)
     return results
 
 

@@ -169,15 +169,23 @@ class RowOutputs(NamedTuple):
     log_prob: Tensor
     entropy: Tensor | None
     log_sum_sq_probs: Tensor | None
+    mean_logits: Tensor | None
+    is_top1: Tensor | None
 
 
-def finish(stats: RowStats) -> RowOutputs:
-    """``lse``, the target's ``log p``, the entropy and ``log sum p^2`` of whole rows."""
+def finish(
+    stats: RowStats, target: Tensor | None = None, num_classes: int | None = None
+) -> RowOutputs:
+    """``lse``, the target's ``log p``, the entropy, ``log sum p^2``, the mean logit (with
+    ``num_classes``: :math:`L / V`) and whether ``target`` (global class ids) is the first
+    argmax, of whole rows."""
     log_sum = torch.log(stats.sum_exp)
     lse = shift(stats.max) + log_sum
     entropy = None if stats.sum_exp_x is None else log_sum - stats.sum_exp_x / stats.sum_exp
     log_sum_sq = None if stats.sum_exp2 is None else torch.log(stats.sum_exp2) - 2 * log_sum
-    return RowOutputs(lse, stats.target - lse, entropy, log_sum_sq)
+    mean = None if stats.sum_x is None or num_classes is None else stats.sum_x / num_classes
+    top1 = None if stats.argmax is None or target is None else stats.argmax == target
+    return RowOutputs(lse, stats.target - lse, entropy, log_sum_sq, mean, top1)
 
 
 def log_prob_grad(
@@ -217,8 +225,8 @@ def loss_rows(x: Tensor, target: Tensor, counted: Tensor, triton_rows: bool = Fa
         stats = kernels.row_stats_block(x, safe, entropy=True, argmax=True)
     else:
         stats = block(x, safe, entropy=True, argmax=True)
-    done = finish(stats)
-    return done.lse, done.entropy, stats.argmax == safe
+    done = finish(stats, safe)
+    return done.lse, done.entropy, done.is_top1
 
 
 # Logits per chunk of rows when the statistics are read from logits that already exist.
