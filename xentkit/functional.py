@@ -545,7 +545,7 @@ def linear_log_probs(
 
     equal, values and gradients (through both outputs, to ``input``, ``weight`` and ``bias``),
     to ``log_softmax(F.linear(input, weight, bias) / T, -1).gather(-1, target)`` and
-    ``-(p * log p).sum(-1)``; see :func:`xentkit.reference.token_log_probs`. The fused backend
+    ``-(p * log p).sum(-1)``; see :func:`xentkit.reference.token_statistics`. The fused backend
     walks the tokens in chunks, so its extra memory does not grow with the number of tokens.
 
     Args:

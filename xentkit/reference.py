@@ -357,13 +357,6 @@ def binary_cross_entropy_with_logits(
 LOG_PROB_FLOOR = -1e4
 
 
-class TokenLogProbs(NamedTuple):
-    """Per-row log-probability of the target and entropy (both 0 where ignored)."""
-
-    log_prob: Tensor  # (M,) log p of the target
-    entropy: Tensor  # (M,) entropy of the row's distribution
-
-
 class TokenStatistics(NamedTuple):
     """Every per-row output of the LM head (0 / False where ignored)."""
 
@@ -388,8 +381,22 @@ def token_statistics(
     order), :math:`\mathrm{lse} = \log \sum_j e^{s_j}` and :math:`p = \mathrm{softmax}(s)`:
     :math:`\log p_t = s_t - \mathrm{lse}`, the entropy :math:`H = -\sum_j p_j \log p_j`,
     :math:`\log \sum_j p_j^2`, the mean logit :math:`\frac{1}{C} \sum_j s_j` and whether the
-    target is the first :math:`\operatorname{argmax}_j s_j`. See :func:`token_log_probs` for
-    the gradients of the first two (the others have none).
+    target is the first :math:`\operatorname{argmax}_j s_j` (a class with :math:`p_j = 0`,
+    such as a masked ``-inf`` logit, adds :math:`0 \log 0 = 0` to the entropy). The first two
+    carry gradients, which autograd derives here and the fused kernels write out:
+
+    .. math:: \frac{\partial \log p_t}{\partial s_j} = [j = t] - p_j, \qquad
+              \frac{\partial H}{\partial s_j} = -p_j (\log p_j + H), \qquad
+              \frac{\partial}{\partial x} = \frac{\lambda}{T}\,(1 - \tanh^2)
+              \frac{\partial}{\partial s}
+
+    Args:
+        logits: ``(M, C)`` logits.
+        target: ``(M,)`` class indices in ``[0, C)`` or ``ignore_index``.
+        temperature: :math:`T > 0`; logit_scale: :math:`\lambda`; softcap: :math:`c` or None.
+    Returns:
+        :class:`TokenStatistics` of ``(M,)`` tensors in float32 (float64 for float64 logits);
+        0 (False) where the target is ``ignore_index``.
 
     Example:
         >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
@@ -409,42 +416,6 @@ def token_statistics(
     mean = torch.where(counted, s.mean(-1), 0.0)
     top1 = counted & (s.argmax(-1) == torch.where(counted, target, 0))
     return TokenStatistics(log_prob, entropy, log_sum_sq, mean, top1)
-
-
-def token_log_probs(
-    logits: Tensor, target: Tensor, temperature: float = 1.0, ignore_index: int = -100
-) -> TokenLogProbs:
-    r"""The target's log-probability and the entropy of each row, at ``temperature``: what RL
-    fine-tuning (PPO, GRPO) takes from the LM head (:func:`token_statistics`' first two).
-
-    With :math:`s = x / T`, :math:`\mathrm{lse} = \log \sum_j e^{s_j}` and
-    :math:`p = \mathrm{softmax}(s)`:
-
-    .. math:: \log p_t = s_t - \mathrm{lse}, \qquad
-              H = -\sum_j p_j \log p_j = \mathrm{lse} - \sum_j p_j s_j
-
-    (a class with :math:`p_j = 0`, such as a masked ``-inf`` logit, adds :math:`0 \log 0 = 0`).
-    Their gradients, which autograd derives here and the fused kernels write out, are
-
-    .. math:: \frac{\partial \log p_t}{\partial s_j} = [j = t] - p_j, \qquad
-              \frac{\partial H}{\partial s_j} = -p_j (\log p_j + H)
-              = -p_j \Big(s_j - \sum_k p_k s_k\Big), \qquad
-              \frac{\partial}{\partial x} = \frac{1}{T} \frac{\partial}{\partial s}
-
-    Args:
-        logits: ``(M, C)`` logits.
-        target: ``(M,)`` class indices in ``[0, C)`` or ``ignore_index``.
-        temperature: :math:`T > 0`.
-    Returns:
-        :class:`TokenLogProbs` of ``(M,)`` tensors in float32 (float64 for float64 logits).
-
-    Example:
-        >>> logits = torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]])
-        >>> token_log_probs(logits, torch.tensor([2, -100]), temperature=2.0)
-        TokenLogProbs(log_prob=tensor([-0.7318,  0.0000]), entropy=tensor([1.0481, 0.0000]))
-    """
-    stats = token_statistics(logits, target, temperature, ignore_index)
-    return TokenLogProbs(stats.log_prob, stats.entropy)
 
 
 class DistillationTerms(NamedTuple):

@@ -6,7 +6,7 @@ What RL fine-tuning (PPO, GRPO) takes from the head: for each token, with
 
 .. math:: \log p_t = s_t - \mathrm{lse}, \qquad H = -\sum_j p_j \log p_j
 
-(:func:`xentkit.reference.token_log_probs` is the spec). The tokens are walked in chunks as in
+(:func:`xentkit.reference.token_statistics` is the spec). The tokens are walked in chunks as in
 :mod:`xentkit.kernels.linear_chunked`, whose chunking (:class:`~.linear_chunked.Problem`) and
 backward walk (:func:`~.linear_chunked.backward_over_chunks`) this module reuses: the forward
 computes each chunk's logits into one reused ``m x V`` buffer and keeps per token only

@@ -35,7 +35,7 @@ which need only :math:`\mathrm{lse}` and :math:`H` (:func:`log_prob_grad`):
 
 .. math:: \frac{\partial}{\partial x_j} = a\,([j = t] - p_j) - b\,p_j (\log p_j + H)
 
-:func:`xentkit.reference.token_log_probs` is the spec these are tested against; the chunked
+:func:`xentkit.reference.token_statistics` is the spec these are tested against; the chunked
 paths take a whole row as one block, the vocab-parallel paths one block per rank, and the
 Triton kernels transcribe :func:`merge` for their blocks of classes
 (:mod:`xentkit.kernels.triton`), tested against this module.
