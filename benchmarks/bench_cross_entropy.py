@@ -12,7 +12,12 @@ Providers (each one call of forward and backward through ``torch.autograd.grad``
   into fresh memory can do (read once, write once, the new pages faulted in);
 - ``floor-copy``: one ``copy_`` of the logits into a buffer already resident (its pages
   touched before the timing): the memory floor of a kernel that writes its gradient over
-  memory it already holds, as ``inplace_backward=True`` does.
+  memory it already holds, as ``inplace_backward=True`` does;
+- ``pass-max`` and ``pass-exp``: where a fused kernel's time goes, one pass over the logits
+  each: their row maxima (``amax``: a read, no arithmetic to speak of) and their rows' sums of
+  exponentials in float32 (compiled like xentkit's row kernel: a read and one ``exp`` per
+  element). A row kernel takes one max pass, one exp pass for the sums and a second one for
+  the gradient (which it writes).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ def case_label(shape: Shape) -> str:
     return f"N={shape.n} V={shape.v}"
 
 
+def _exp_sums(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().exp().sum(-1)
+
+
 def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str) -> Bench:
     """Random logits and targets, and the step of ``provider`` on them."""
     name, backend = split_backend(provider)
@@ -40,6 +49,11 @@ def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str)
     if name == "floor-copy":
         resident = logits.clone()  # every page touched before the timed calls
         return Bench(lambda: resident.copy_(logits), inputs_bytes + resident.nbytes)
+    if name == "pass-max":
+        return Bench(lambda: logits.amax(-1), inputs_bytes)
+    if name == "pass-exp":
+        sums = torch.compile(_exp_sums, dynamic=False, backend=compile_backend)
+        return Bench(lambda: sums(logits), inputs_bytes)
     logits.requires_grad_(True)
     if name in ("xentkit", "xentkit-inplace"):
         inplace = name == "xentkit-inplace"
@@ -63,13 +77,18 @@ def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str)
     return Bench(lambda: torch.autograd.grad(loss(), logits), inputs_bytes)
 
 
+PROVIDERS = (
+    "xentkit", "xentkit-inplace", "torch", "torch.compile", "floor", "floor-copy", "pass-max",
+    "pass-exp",
+)  # fmt: skip
+
 SUITE = Suite(
     name="ce",
     title="Cross entropy, forward + backward, index targets",
     function="cross_entropy",
     build=build,
     case_label=case_label,
-    providers=("xentkit", "xentkit-inplace", "torch", "torch.compile", "floor", "floor-copy"),
+    providers=PROVIDERS,
     shapes=(Shape(4096, 1024, 32768), Shape(4096, 1024, 128256)),
     # Sizes that no power-of-two chunk divides, so the harness runs the kernels' tails too.
     quick_shapes=(Shape(64, 16, 256), Shape(37, 16, 1000)),
@@ -77,5 +96,5 @@ SUITE = Suite(
     repeats=10,
     floor="floor",
     floor_text="one clone() of the logits (floor-copy: one copy_ into a resident buffer)",
-    compiled=frozenset({"torch.compile"}),
+    compiled=frozenset({"torch.compile", "pass-exp"}),
 )

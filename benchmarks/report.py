@@ -19,11 +19,14 @@ from benchmarks.harness import split_backend
 from benchmarks.machine import describe
 
 SUITE_ORDER = (
-    "ce", "linear", "scale", "explain", "log_probs", "distill", "trl_log_probs", "trl_distill",
+    "ce", "linear", "linear_grid", "scale", "explain", "log_probs", "distill", "trl_log_probs",
+    "trl_distill",
 )  # fmt: skip
 # The GPU suite's own runner (benchmarks/bench_gpu.py) writes its tables as markdown, which
 # RESULTS.md takes as they are under this header.
 GPU_MARKDOWN = "gpu.md"
+# benchmarks/bench_grad_filter.py's section (gradient filtering on the trained tiny LM).
+GRAD_FILTER_MARKDOWN = "grad_filter.md"
 GPU_HEADER = (
     "## GPU (CUDA): xentkit against torch, torch.compile, Liger Kernel and Cut Cross-Entropy"
 )
@@ -45,6 +48,9 @@ PEER_LABELS = {
     "torch.compile": "torch.compile",
     "cce": "CCE torch_compile",
     "floor": "floor",
+    "floor-copy": "resident copy_",
+    "pass-max": "max pass",
+    "pass-exp": "exp pass",
 }
 
 
@@ -235,5 +241,9 @@ def markdown(results: list[dict], plots: dict[str, Path], report: Path) -> str:
             parts += ["", f"![{data['title']}]({image})"]
     gpu = report.parent / "results" / GPU_MARKDOWN
     if gpu.parent.is_dir():  # the project's RESULTS.md beside results/, not a scratch report
+        # Sections written as markdown by their own runners, taken as they are.
+        grad_filter = gpu.parent / GRAD_FILTER_MARKDOWN
+        if grad_filter.exists():
+            parts += ["", grad_filter.read_text().strip()]
         parts += ["", GPU_HEADER, "", gpu.read_text().strip() if gpu.exists() else GPU_NOT_RUN]
     return "\n".join(parts) + "\n"

@@ -34,6 +34,7 @@ from benchmarks import (  # noqa: E402
     bench_cross_entropy,
     bench_explain,
     bench_linear_cross_entropy,
+    bench_linear_grid,
     bench_scale,
     bench_trl,
     harness,
@@ -49,6 +50,7 @@ SUITES: dict[str, Suite] = {
     for suite in (
         bench_cross_entropy.SUITE,
         bench_linear_cross_entropy.SUITE,
+        bench_linear_grid.SUITE,
         bench_scale.SUITE,
         bench_explain.SUITE,
         *bench_trl.SUITES,

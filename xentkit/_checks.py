@@ -310,6 +310,42 @@ def check_chunk_size(chunk_size: int | None) -> None:
         )
 
 
+def check_filter_eps(
+    filter_eps: float | None, reduction: str, label_smoothing: float, backend: str | None
+) -> None:
+    """Gradient filtering's options: a non-negative ``filter_eps`` on the chunked backend (the
+    one that computes its backward products itself, ``backend`` the one resolved) with a
+    reduction over the tokens and no label smoothing (whose gradient spreads ``eps / V`` over
+    every class: filtering would drop it all)."""
+    if filter_eps is None:
+        return
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, int | float):
+        raise ValueError(f"filter_eps must be a float >= 0 or None, got {filter_eps!r}.")
+    if not 0.0 <= filter_eps < math.inf:
+        raise ValueError(
+            f"filter_eps must be a float >= 0 (e.g. 2**-12) or None (no filtering), got "
+            f"{filter_eps!r}."
+        )
+    if backend is not None and backend != "chunked":
+        raise ValueError(
+            f"filter_eps (gradient filtering) runs on the chunked backend only, got backend "
+            f"{backend!r}: pass backend='chunked' (and no class_weight that requires grad, "
+            "which needs the reference), or filter_eps=None."
+        )
+    if reduction == "none":
+        raise ValueError(
+            "filter_eps (gradient filtering) needs reduction='mean' or 'sum': with "
+            "reduction='none' each token's gradient scale is only known in the backward; "
+            "reduce the loss or pass filter_eps=None."
+        )
+    if label_smoothing:
+        raise ValueError(
+            "filter_eps (gradient filtering) cannot be combined with label_smoothing: the "
+            "smoothing term's gradient of label_smoothing / V on every class would be dropped; "
+            "pass filter_eps=None or label_smoothing=0.0."
+        )
+
+
 def check_temperature(temperature: float) -> None:
     if (
         isinstance(temperature, bool)

@@ -403,6 +403,7 @@ def linear_cross_entropy(
     process_group=None,
     backend: str | None = None,
     return_stats: bool = False,
+    filter_eps: float | None = None,
 ) -> Tensor | tuple[Tensor, reference.LossStats]:
     r"""The LM head and the loss in one op: ``cross_entropy(input @ weight.T + bias, target)``.
 
@@ -420,6 +421,12 @@ def linear_cross_entropy(
         return_stats: also return :class:`~xentkit.reference.LossStats` as
             :func:`cross_entropy` does, computed from each chunk of logits in the same pass
             (no extra matrix product).
+        filter_eps: gradient filtering (off when None): the backward products skip, per
+            block of 128 tokens, the classes whose gradient stays below ``filter_eps`` (e.g.
+            ``2**-12``) for every token of the block, as Cut Cross-Entropy does; the loss is
+            unchanged, the gradients of ``input`` and ``weight`` approximate. Chunked backend,
+            ``reduction="mean"``/``"sum"``, no label smoothing; see
+            :mod:`xentkit.kernels.grad_filter`.
     Returns:
         the target's shape for ``reduction="none"``, else a scalar; ``(loss, stats)`` with
         ``return_stats``.
@@ -434,7 +441,7 @@ def linear_cross_entropy(
     """
     args = (input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing)
     options = (z_loss, softcap, chunk_size, process_group, backend)
-    loss = _linear_cross_entropy(*args, *options, return_stats=return_stats)
+    loss = _linear_cross_entropy(*args, *options, return_stats=return_stats, filter_eps=filter_eps)
     # Under autocast the head runs in the autocast dtype and the loss, like F.cross_entropy's,
     # comes back in float32.
     if return_stats:
@@ -458,10 +465,16 @@ def _linear_cross_entropy(
     process_group,
     backend: str | None,
     return_stats: bool = False,
+    filter_eps: float | None = None,
 ) -> Tensor | tuple[Tensor, reference.LossStats]:
     """:func:`linear_cross_entropy` with the loss left in the accumulation dtype (float32,
     float64 for float64 input), as ``transformers`` computes its loss from upcast logits."""
     options = (class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if filter_eps is not None and (process_group is not None or _is_dtensor(input, weight)):
+        raise ValueError(
+            "filter_eps (gradient filtering) is not supported vocab-parallel (process_group= "
+            "or DTensor arguments); pass filter_eps=None."
+        )
     if _is_dtensor(input, weight, target, bias):
         from xentkit import distributed
 
@@ -495,6 +508,9 @@ def _linear_cross_entropy(
     )
     _checks.check_target_range(labels, weight.shape[0], ignore_index)
     name = resolve_backend(backend, "linear_cross_entropy", input.device, class_weight)
+    _checks.check_filter_eps(filter_eps, reduction, label_smoothing, name)
+    # Only the chunked kernel takes the argument.
+    extra = {} if filter_eps is None else {"filter_eps": filter_eps}
     per_row = None
     if name == "reference":
         logits = F.linear(hidden, weight, bias)
@@ -503,11 +519,13 @@ def _linear_cross_entropy(
         loss = reference.cross_entropy(logits, labels, *options)
     elif return_stats:
         fused = kernel(name, "linear_cross_entropy")
-        loss, per_row = fused(hidden, weight, labels, bias, *options, chunk_size, stats=True)
+        loss, per_row = fused(
+            hidden, weight, labels, bias, *options, chunk_size, stats=True, **extra
+        )
         per_row = (*per_row, labels != ignore_index)
     else:
         fused = kernel(name, "linear_cross_entropy")
-        loss = fused(hidden, weight, labels, bias, *options, chunk_size)
+        loss = fused(hidden, weight, labels, bias, *options, chunk_size, **extra)
     loss = loss.reshape(target.shape) if reduction == "none" else loss
     if per_row is None:
         return loss

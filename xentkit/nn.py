@@ -145,6 +145,7 @@ class LinearCrossEntropyLoss(_Loss):
         chunk_size: int | None = None,
         process_group=None,
         backend: str | None = None,
+        filter_eps: float | None = None,
     ) -> None:
         super().__init__(reduction=reduction)
         self.register_buffer("class_weight", class_weight)
@@ -155,6 +156,7 @@ class LinearCrossEntropyLoss(_Loss):
         self.chunk_size = chunk_size
         self.process_group = process_group
         self.backend = backend
+        self.filter_eps = filter_eps
 
     def forward(
         self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None
@@ -173,6 +175,7 @@ class LinearCrossEntropyLoss(_Loss):
             chunk_size=self.chunk_size,
             process_group=self.process_group,
             backend=self.backend,
+            filter_eps=self.filter_eps,
         )
 
 

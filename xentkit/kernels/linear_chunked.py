@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
-from xentkit.kernels import _memory, row_stats
+from xentkit.kernels import _memory, grad_filter, row_stats
 from xentkit.kernels._fused_op import graph_is_kept
 from xentkit.kernels.chunked import loss_and_grad
 
@@ -115,8 +115,11 @@ class Problem:
         z_loss: float,
         softcap: float | None,
         chunk_size: int | None,
+        filter_eps: float | None = None,
     ) -> None:
         self.hidden, self.weight, self.target, self.bias = hidden, weight, target, bias
+        # Gradient filtering (:mod:`xentkit.kernels.grad_filter`) of the backward products.
+        self.filter_eps = filter_eps
         self.class_weight = None if class_weight is None else class_weight.detach()
         self.options = (ignore_index, label_smoothing, z_loss, softcap)
         self.acc = reference.accumulation_dtype(hidden.dtype)
@@ -204,7 +207,12 @@ class _Gradients:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
     def add(self, where: slice | Tensor, hidden: Tensor, grad: Tensor) -> None:
-        """Push one chunk's logits gradient ``grad`` (m, V) through the head."""
+        """Push one chunk's logits gradient ``grad`` (m, V) through the head (filtered when the
+        problem asks for it and the chunk's blocks keep little enough)."""
+        if self.bias is not None:
+            self.bias.add_(grad.sum(0, dtype=self.problem.acc))
+        if self.problem.filter_eps is not None and self._add_filtered(where, hidden, grad):
+            return
         if self.hidden is not None:
             if isinstance(where, slice):
                 torch.mm(grad, self.problem.weight, out=self.hidden[where])
@@ -215,8 +223,22 @@ class _Gradients:
                 self.weight.addmm_(grad.T, hidden)
             else:
                 self.weight.add_(torch.mm(grad.T, hidden, out=self._partial))
-        if self.bias is not None:
-            self.bias.add_(grad.sum(0, dtype=self.problem.acc))
+
+    def _add_filtered(self, where: slice | Tensor, hidden: Tensor, grad: Tensor) -> bool:
+        """:func:`xentkit.kernels.grad_filter.backward_products` for one chunk; False when it
+        declined (the dense products are to run)."""
+        gathered = isinstance(where, Tensor) and self.hidden is not None
+        out = None if self.hidden is None else self.hidden[where] if not gathered else None
+        if gathered:
+            out = torch.empty_like(hidden)
+        weight = self.problem.weight
+        if not grad_filter.backward_products(
+            grad, self.problem.filter_eps, hidden, weight, out, self.weight
+        ):
+            return False
+        if gathered:
+            self.hidden.index_copy_(0, where, out)
+        return True
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         """The three accumulators, an empty tensor standing for each one not asked for (a
@@ -414,6 +436,7 @@ def _linear_op(
     z_loss: float,
     softcap: float | None,
     chunk_size: int | None,
+    filter_eps: float | None,
     needs: list[bool],
     stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -424,7 +447,7 @@ def _linear_op(
     op, so that a ``torch.compile`` of the caller neither unrolls nor re-traces the chunk loop
     (its length depends on how many tokens count)."""
     options = (ignore_index, label_smoothing, z_loss, softcap)
-    problem = Problem(hidden, weight, target, bias, class_weight, *options, chunk_size)
+    problem = Problem(hidden, weight, target, bias, class_weight, *options, chunk_size, filter_eps)
     loss, grads, per_row = _forward(problem, reduction, tuple(needs), stats)
     denominator = problem.denominators(reduction)[0]
     # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
@@ -480,7 +503,7 @@ def _(grad_output, hidden, weight, target, bias, *options):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, bias, class_weight, *options, needs, _stats = inputs
+    hidden, weight, target, bias, class_weight, *options, _filter, needs, _stats = inputs
     ctx.reduction, ctx.needs = options[1], needs
     ctx.dtypes = tuple(None if p is None else p.dtype for p in (hidden, weight, bias))
     if ctx.reduction == "none":
@@ -496,7 +519,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_loss: Tensor | None, *_unused):
-    none = (None,) * 9
+    none = (None,) * 10
     if grad_loss is None:
         return None, None, None, None, *none
     if ctx.reduction == "none":
@@ -532,6 +555,7 @@ def linear_cross_entropy(
     softcap: float | None,
     chunk_size: int | None,
     stats: bool = False,
+    filter_eps: float | None = None,
 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     r"""Fused ``cross_entropy(hidden @ weight.T + bias, target)`` over token chunks.
 
@@ -555,6 +579,8 @@ def linear_cross_entropy(
         chunk_size: tokens per chunk; :func:`auto_chunk_size` when None.
         stats: also return each token's ``(lse, entropy, is_top1)`` (0 / False where ignored),
             the inputs of :func:`xentkit.reference.loss_stats`.
+        filter_eps: gradient filtering (:mod:`xentkit.kernels.grad_filter`) of the backward
+            products for ``reduction="mean"`` or ``"sum"``; None computes them exactly.
     Returns:
         ``(M,)`` for ``reduction="none"``, else a scalar; float32 (float64 for float64 input).
         ``(loss, (lse, entropy, is_top1))`` with ``stats``.
@@ -568,5 +594,5 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and p is not None and p.requires_grad for p in (hidden, weight, bias)]
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
-    out = _linear_op(hidden, weight, target, bias, class_weight, *options, needs, stats)
+    out = _linear_op(hidden, weight, target, bias, class_weight, *options, filter_eps, needs, stats)
     return (out[0], tuple(out[5:])) if stats else out[0]
