@@ -10,8 +10,9 @@
    its softmax is as peaked as training made it), one forward + backward of
    ``xentkit.linear_cross_entropy`` is timed exactly and filtered, next to torch eager and the
    floor: the three matrix products ``h @ W.T``, ``g @ W`` and ``g.T @ h`` that the exact
-   gradient cannot avoid, into resident buffers. The filtered row also reports the fraction of (token, class) entries
-   its 128-token blocks keep and how far its gradients are from the exact ones.
+   gradient cannot avoid, into resident buffers. The filtered row also reports the fraction of
+   (token, class) entries its 128-token blocks keep and how far its gradients are from the
+   exact ones.
 
 Writes ``benchmarks/results/grad_filter.{json,png,md}`` (the markdown goes into RESULTS.md as
 it is); ``--quick`` writes under ``benchmarks/results-quick/`` instead.
@@ -87,14 +88,17 @@ def held_out_loss(model: TinyLM, held_out: Tensor) -> float:
     return model.loss(held_out[:, :-1], held_out[:, 1:]).item()
 
 
-def _timed(step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _timed(steps: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each step, the steps taking turns (a warm-up call each first),
+    so that a slow spell of a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for turn in range(repeats + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if turn:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def time_head(hidden: Tensor, weight: Tensor, target: Tensor, eps: float, repeats: int) -> dict:
@@ -118,7 +122,7 @@ def time_head(hidden: Tensor, weight: Tensor, target: Tensor, eps: float, repeat
         "torch eager": torch_step,
         "floor (3 GEMMs)": gemm_floor(g, hd, wd),
     }
-    times = {name: _timed(step, repeats) for name, step in steps.items()}
+    times = _timed(steps, repeats)
     exact, approx = grads(None), grads(eps)
     errors = [float((a - e).norm() / e.norm()) for a, e in zip(approx, exact, strict=True)]
     with torch.no_grad():
@@ -180,7 +184,7 @@ def markdown(data: dict, image: str) -> str:
     lines += [
         "",
         f"One forward + backward on {data['timing_case']} (hidden states of the exactly trained "
-        f"model on held-out text; median of {data['repeats']}):",
+        f"model on held-out text; median of {data['repeats']}, the four taking turns):",
         "",
         "| provider | time | × floor | × xentkit exact |",
         "|---|---:|---:|---:|",

@@ -268,3 +268,29 @@ def test_class_weight_requiring_grad_runs_the_reference():
         return xentkit.linear_cross_entropy(h, w, target, class_weight=cw, backend="chunked")
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, class_weight))
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_chunk_gradient_overwrites_its_logits_unless_that_failed_to_compile(monkeypatch, failed):
+    """One chunk buffer on the CPU (the row kernel writes the gradient over the logits); a
+    second one only once compiling that in-place kernel has failed in this process."""
+    from xentkit.kernels import chunked
+
+    monkeypatch.setattr(chunked, "_inplace_compile_failed", failed)
+    made = []
+    buffer = linear_chunked.Problem.buffer
+
+    def counted(self):
+        made.append(1)
+        return buffer(self)
+
+    monkeypatch.setattr(linear_chunked.Problem, "buffer", counted)
+    h = torch.randn(40, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    target = torch.randint(30, (40,))
+    loss = xentkit.linear_cross_entropy(h, w, target, chunk_size=16)
+    got = torch.autograd.grad(loss, (h, w))
+    want = torch.autograd.grad(F.cross_entropy(h @ w.T, target), (h, w))
+    assert len(made) == (2 if failed else 1)
+    for g, x in zip(got, want, strict=True):
+        torch.testing.assert_close(g, x)

@@ -5,8 +5,8 @@ respect to the logits, :math:`g_{ic} = p_{ic} - y_{ic}` (scaled by its class wei
 z-loss's :math:`2\zeta\,\mathrm{lse}_i\,p_{ic}`), is tiny for almost every class :math:`c`. A
 chunk's two backward products, :math:`\nabla_H = G W` and :math:`\nabla_W \mathrel{+}= G^\top H`,
 spend two thirds of the head's flops mostly on such entries. Filtering treats as zero every
-entry of a block of :data:`BLOCK_ROWS` consecutive tokens and one class whose gradients all stay
-below ``eps`` in magnitude,
+entry of a block of :data:`BLOCK_ROWS` consecutive tokens (of a chunk's counted tokens) and one
+class whose gradients all stay below ``eps`` in magnitude,
 
 .. math:: \tilde G_{ic} = G_{ic}\,[\max_{j \in \mathrm{block}(i)} |G_{jc}| \ge \varepsilon],
 
@@ -17,10 +17,13 @@ gradient (a sum, no product) stays exact. This is Cut Cross-Entropy's filtering,
 blocks and single classes, so no reordering of the vocabulary is needed.
 
 ``eps`` bounds what each dropped entry contributed to the unnormalised gradient of the summed
-loss: :math:`2^{-12}` is below what a bfloat16 gradient resolves next to the entries of order
-one that are kept. It is an approximation, off unless asked for (``filter_eps=`` of
-:func:`xentkit.linear_cross_entropy`); ``benchmarks/bench_grad_filter.py`` measures its speed and
-the loss curve it trains.
+loss (:math:`2^{-12}` is below what a bfloat16 gradient resolves next to the kept entries of
+order one), not what all of them did: a row drops thousands of classes, and their summed
+probability, whose gradient pushes the tail of the softmax down, is lost with them. It is an
+approximation, off unless asked for (``filter_eps=`` of :func:`xentkit.linear_cross_entropy`);
+``benchmarks/bench_grad_filter.py`` measures its speed and the loss curve it trains (on the
+demo's tiny LM, whose softmax keeps a heavy tail, ``2**-12`` trains a clearly worse model:
+see ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations

@@ -3,17 +3,15 @@ r"""Fused linear cross entropy in torch ops: the LM head and the loss over token
 ``cross_entropy(hidden @ weight.T + bias, target)`` for ``M`` tokens and ``V`` classes would
 build ``M x V`` logits and as many gradients. Here the tokens are walked in chunks of ``m``
 rows; for each chunk the logits are computed into one reused ``m x V`` buffer, the loss terms
-and their gradient by :func:`xentkit.kernels.chunked.loss_and_grad` (the gradient into a second
-reused buffer on the CPU, over the logits with Triton's row kernel), and that gradient is
-pushed through the head at once:
+and their gradient by :func:`xentkit.kernels.chunked.loss_and_grad` (the gradient written over
+the logits), and that gradient is pushed through the head at once:
 
 .. math:: G = \partial L / \partial Z_{\text{chunk}}, \qquad
           \nabla_H \mathrel{+}= G W, \quad \nabla_W \mathrel{+}= G^\top H_{\text{chunk}},
           \quad \nabla_b \mathrel{+}= \textstyle\sum_{\text{rows}} G
 
-so the extra memory is two chunks of logits (one on CUDA; plus the float32 working copy
-``loss_and_grad`` makes of half-precision logits) plus the float32 weight gradient, whatever
-``M`` is: about 2 x :data:`CHUNK_BYTES` on the CPU, traded for speed by ``chunk_size``.
+so the extra memory is one chunk of logits plus the float32 weight gradient, whatever ``M``
+is: about :data:`CHUNK_BYTES` on the CPU, traded for speed by ``chunk_size``.
 Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
 
 For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
@@ -47,7 +45,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
-from xentkit.kernels import _memory, grad_filter, row_stats
+from xentkit.kernels import _memory, chunked, grad_filter, row_stats
 from xentkit.kernels._fused_op import graph_is_kept
 from xentkit.kernels.chunked import loss_and_grad
 
@@ -55,8 +53,10 @@ from xentkit.kernels.chunked import loss_and_grad
 # on the CPU. Every chunk reads and writes the whole float32 V x D weight-gradient accumulator
 # once while doing 6 m V D flops of matrix products, so small chunks add memory traffic to the
 # products (~15% at 128 rows, D = 1024, V = 128256 on the project's 2-core machine); 128 MiB
-# (256 rows there, ~1000 at V = 32768) measured within noise of the products alone. Two such
-# buffers are held (the logits and their gradient), whatever the number of tokens.
+# (256 rows there, ~1000 at V = 32768) measured within noise of the products alone; 512 and
+# 1024 rows were no faster at D = 512, V = 128256, where the row passes cost more than the
+# accumulator's traffic. One such buffer is held (the gradient overwrites the logits),
+# whatever the number of tokens.
 CHUNK_BYTES = 128 * 2**20
 MIN_CHUNK_ROWS = 128
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
@@ -318,11 +318,13 @@ def _row_kernel(logits: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor | 
 
 
 def _gradient_buffer(problem: Problem) -> Tensor | None:
-    """Where the row kernel writes each chunk's gradient: over the chunk's logits (None) for
-    Triton's row kernel; a second chunk buffer for the compiled CPU kernel, since torch 2.13's
-    inductor fails to compile it writing over its own input once a chunk passes ~64 MiB, and
-    the eager kernel it would fall back to costs more time than the buffer costs memory."""
-    return None if _row_kernel(problem.hidden) is triton_loss_and_grad else problem.buffer()
+    """Where the row kernel writes each chunk's gradient: over the chunk's logits (None),
+    unless compiling the CPU kernel to write over its own input has failed in this process
+    (:data:`xentkit.kernels.chunked._inplace_compile_failed`: such calls run the slower eager
+    kernel), in which case a second chunk buffer keeps the compiled one."""
+    if _row_kernel(problem.hidden) is triton_loss_and_grad:
+        return None
+    return problem.buffer() if chunked._inplace_compile_failed else None
 
 
 def _chunk_stats(problem: Problem, logits: Tensor, target: Tensor, where, per_row) -> None:
