@@ -25,8 +25,10 @@ SUITE_ORDER = (
 # The GPU suite's own runner (benchmarks/bench_gpu.py) writes its tables as markdown, which
 # RESULTS.md takes as they are under this header.
 GPU_MARKDOWN = "gpu.md"
-# benchmarks/bench_grad_filter.py's section (gradient filtering on the trained tiny LM).
-GRAD_FILTER_MARKDOWN = "grad_filter.md"
+# Sections the standalone runners write as markdown: benchmarks/bench_paired.py (linear cross
+# entropy against its floor in alternation) and benchmarks/bench_grad_filter.py (gradient
+# filtering on the trained tiny LM).
+MARKDOWN_SECTIONS = ("paired.md", "grad_filter.md")
 GPU_HEADER = (
     "## GPU (CUDA): xentkit against torch, torch.compile, Liger Kernel and Cut Cross-Entropy"
 )
@@ -242,8 +244,8 @@ def markdown(results: list[dict], plots: dict[str, Path], report: Path) -> str:
     gpu = report.parent / "results" / GPU_MARKDOWN
     if gpu.parent.is_dir():  # the project's RESULTS.md beside results/, not a scratch report
         # Sections written as markdown by their own runners, taken as they are.
-        grad_filter = gpu.parent / GRAD_FILTER_MARKDOWN
-        if grad_filter.exists():
-            parts += ["", grad_filter.read_text().strip()]
+        for section in (gpu.parent / name for name in MARKDOWN_SECTIONS):
+            if section.exists():
+                parts += ["", section.read_text().strip()]
         parts += ["", GPU_HEADER, "", gpu.read_text().strip() if gpu.exists() else GPU_NOT_RUN]
     return "\n".join(parts) + "\n"

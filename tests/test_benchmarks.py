@@ -297,3 +297,19 @@ def test_grad_filter_quick_run(tmp_path, monkeypatch):
     assert (tmp_path / "grad_filter.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "grad_filter.md").read_text()
     assert text.startswith("## Gradient filtering") and "× floor" in text
+
+
+def test_paired_quick_run(tmp_path, monkeypatch):
+    """``python -m benchmarks.bench_paired --quick``: per-round ratios of xentkit to the floor,
+    JSON, plot and the markdown section (numbers never asserted)."""
+    from benchmarks import bench_paired
+
+    monkeypatch.setattr(bench_paired, "QUICK_OUT", tmp_path)
+    assert bench_paired.main(["--quick"]) == 0
+    data = json.loads((tmp_path / "paired.json").read_text())
+    assert [row["case"] for row in data["rows"]] == ["N=64 D=32 V=256", "N=37 D=24 V=1000"]
+    for row in data["rows"]:
+        for clock in ("wall", "cpu"):
+            assert row[clock]["p20"] <= row[clock]["ratio"] <= row[clock]["p80"]
+    assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
+    assert "× floor (wall)" in (tmp_path / "paired.md").read_text()

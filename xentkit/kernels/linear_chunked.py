@@ -53,12 +53,13 @@ from xentkit.kernels.chunked import loss_and_grad
 # on the CPU. Every chunk reads and writes the whole float32 V x D weight-gradient accumulator
 # once while doing 6 m V D flops of matrix products, so small chunks add memory traffic to the
 # products (~15% at 128 rows, D = 1024, V = 128256 on the project's 2-core machine); 128 MiB
-# (256 rows there, ~1000 at V = 32768) measured within noise of the products alone; 512 and
-# 1024 rows were no faster at D = 512, V = 128256, where the row passes cost more than the
-# accumulator's traffic. One such buffer is held (the gradient overwrites the logits),
-# whatever the number of tokens.
+# (~1000 rows at V = 32768). At least MIN_CHUNK_ROWS rows whatever V: at V = 128256 the
+# 256 rows of 128 MiB also slowed the logits product (inner dimension D, 256 output rows) by
+# ~15%, and in paired rounds against the three products (N=2048, D=1024) 512 rows took 1.12x
+# where 256 took 1.33x. One such buffer is held (the gradient overwrites the logits), whatever
+# the number of tokens: 250 MiB at V = 128256, 500 MiB at V = 256000 in float32.
 CHUNK_BYTES = 128 * 2**20
-MIN_CHUNK_ROWS = 128
+MIN_CHUNK_ROWS = 512
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
 # writes the float32 (V, D) weight-gradient accumulator (about 12 bytes per entry with the
 # half-precision partial product) while doing 6 m V D flops, which at ~700 TFLOP/s and
@@ -89,7 +90,7 @@ def auto_chunk_size(
         >>> auto_chunk_size(32768, 1024, torch.float32)
         960
         >>> auto_chunk_size(128256, 4096, torch.bfloat16)
-        480
+        512
         >>> auto_chunk_size(128256, 4096, torch.bfloat16, "cuda")
         4096
     """

@@ -1,0 +1,160 @@
+"""xentkit's ``linear_cross_entropy`` against its floor, measured in alternation.
+
+A shared 2-core VM has slow spells (other tenants, steal time) that last seconds to minutes,
+longer than one row of the ``linear`` suites, which runs each provider in its own process one
+after the other: a ratio of two rows can then say more about the spell than about the code.
+Here the two steps of each shape, xentkit's forward + backward and the floor (the three matrix
+products ``h @ W.T``, ``g @ W`` and ``g.T @ h`` into resident buffers,
+:func:`benchmarks.bench_linear_cross_entropy.gemm_floor`), run in one process taking turns,
+round after round, and each round gives one ratio: a spell slows both halves of a round alike.
+Reported per shape: the median ratio over the rounds and its spread (p20-p80), of wall time
+and of the process's CPU time, with both medians in seconds.
+
+``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R]`` writes
+``benchmarks/results/paired.{json,png,md}`` (the markdown goes into RESULTS.md as it is);
+``--quick`` runs tiny shapes into ``benchmarks/results-quick`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_linear_cross_entropy as linear
+from benchmarks.harness import Shape
+from benchmarks.machine import describe, machine_info
+from benchmarks.run import DEFAULT_OUT, DEFAULT_REPORT, QUICK_OUT, _shapes, write_outputs
+
+SHAPES = [Shape(2048, d, v) for d in (512, 1024) for v in (32768, 128256, 256000)]
+QUICK_SHAPES = [Shape(64, 32, 256), Shape(37, 24, 1000)]
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    """Median, p20 and p80."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    cuts = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), cuts[1], cuts[7]
+
+
+def measure(shape: Shape, rounds: int) -> dict:
+    """``rounds`` turns of xentkit then the floor (after one warm-up turn): per-round ratios."""
+    steps = {
+        name: linear.build(name, shape, torch.float32, "inductor").step
+        for name in ("xentkit", "floor")
+    }
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for turn in range(rounds + 1):
+        for name, step in steps.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            if turn:
+                wall[name].append(time.perf_counter() - start_wall)
+                cpu[name].append(time.process_time() - start_cpu)
+    row = {"case": linear.case_label(shape), "n": shape.n, "d": shape.d, "v": shape.v}
+    for clock, times in (("wall", wall), ("cpu", cpu)):
+        ratios = [x / f for x, f in zip(times["xentkit"], times["floor"], strict=True)]
+        median, p20, p80 = _quantiles(ratios)
+        row[clock] = {
+            "ratio": median,
+            "p20": p20,
+            "p80": p80,
+            "xentkit_s": statistics.median(times["xentkit"]),
+            "floor_s": statistics.median(times["floor"]),
+        }
+    return row
+
+
+def markdown(data: dict, image: str) -> str:
+    lines = [
+        "## Linear cross entropy against its floor, in alternation (float32)",
+        "",
+        f"- command: `{data['command']}`",
+        f"- machine: {describe(data['machine'])}",
+        f"- floor: {linear.FLOOR_TEXT}",
+        f"- {data['rounds']} rounds per shape after a warm-up, xentkit and the floor taking "
+        "turns; the ratio is the median of the per-round ratios (p20–p80 beside it)",
+        "",
+        "| case | xentkit | floor | × floor (wall) | p20–p80 | × floor (CPU time) | p20–p80 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in data["rows"]:
+        wall, cpu = row["wall"], row["cpu"]
+        lines.append(
+            f"| {row['case']} | {wall['xentkit_s']:.2f} s | {wall['floor_s']:.2f} s | "
+            f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | "
+            f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} |"
+        )
+    lines += ["", f"![paired ratios]({image})"]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    for offset, clock in ((-0.2, "wall"), (0.2, "cpu")):
+        x = [i + offset for i in range(len(rows))]
+        y = [row[clock]["ratio"] for row in rows]
+        low = [row[clock]["ratio"] - row[clock]["p20"] for row in rows]
+        high = [row[clock]["p80"] - row[clock]["ratio"] for row in rows]
+        ax.bar(x, y, width=0.4, yerr=[low, high], capsize=3, label=f"{clock} time")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.axhline(1.05, color="tab:red", linestyle=":", linewidth=1, label="1.05× (goal)")
+    ax.set_xticks(range(len(rows)), [row["case"] for row in rows], rotation=20, fontsize=8)
+    ax.set(ylabel="xentkit / floor (3 GEMMs)", title="linear_cross_entropy, paired rounds")
+    ax.legend(fontsize=8)
+    fig.suptitle(describe(data["machine"]), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_paired")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
+    p.add_argument("--shapes", type=_shapes, help="comma-separated NxDxV")
+    p.add_argument("--rounds", type=int, default=5, help="paired rounds per shape")
+    args = p.parse_args(arguments)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    rounds = 2 if args.quick else args.rounds
+    out = QUICK_OUT if args.quick else DEFAULT_OUT
+    data = {
+        "suite": "paired",
+        "command": shlex.join(["python", "-m", "benchmarks.bench_paired", *arguments]),
+        "machine": machine_info(),
+        "rounds": rounds,
+        "rows": [],
+    }
+    for shape in shapes:
+        data["rows"].append(measure(shape, rounds))
+        wall = data["rows"][-1]["wall"]
+        print(f"{data['rows'][-1]['case']}: {wall['ratio']:.3f}x the floor (wall)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paired.json").write_text(json.dumps(data, indent=1))
+    plot(data, out / "paired.png")
+    (out / "paired.md").write_text(markdown(data, "results/paired.png") + "\n")
+    print(markdown(data, str(out / "paired.png")))
+    if not args.quick:
+        from rich.console import Console
+
+        write_outputs(out, DEFAULT_REPORT, Console())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
