@@ -21,7 +21,6 @@ it is); ``--quick`` writes under ``benchmarks/results-quick/`` instead.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import statistics
@@ -36,11 +35,11 @@ from torch import Tensor
 import xentkit
 from benchmarks.bench_linear_cross_entropy import FLOOR_TEXT, gemm_floor
 from benchmarks.machine import describe, machine_info
-from benchmarks.run import DEFAULT_OUT, DEFAULT_REPORT, QUICK_OUT, write_outputs
+from benchmarks.run import DEFAULT_OUT, QUICK_OUT, write_section
 from xentkit.kernels import grad_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train_tiny_lm import Grammar, TinyLM, batches
+from train_tiny_lm import Grammar, TinyLM, batches, optimizer_and_schedule
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,12 +62,7 @@ def train(grammar: Grammar, corpus: Tensor, args, eps: float | None) -> tuple[Ti
     """The tiny LM trained with ``filter_eps=eps``, and its training loss at every step."""
     torch.manual_seed(args.seed)
     model = TinyLM(len(grammar.words), args.dim, 2, heads=4, context=args.context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps)),
-    )
+    optimizer, schedule = optimizer_and_schedule(model, args.lr, args.steps)
     data = batches(corpus, args.batch, args.context, torch.Generator().manual_seed(args.seed))
     losses = []
     for _ in range(args.steps):
@@ -241,15 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "timing_case": f"N={hidden.shape[0]} D={args.dim} V={vocab} float32",
         "timing": time_head(hidden, model.embed.weight, target, args.eps, args.repeats),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grad_filter.json").write_text(json.dumps(data, indent=1))
-    plot(data, out / "grad_filter.png")
-    (out / "grad_filter.md").write_text(markdown(data, "results/grad_filter.png") + "\n")
-    print(markdown(data, str(out / "grad_filter.png")))
-    if not args.quick:
-        from rich.console import Console
-
-        write_outputs(out, DEFAULT_REPORT, Console())
+    write_section(out, data, plot, markdown, remake_report=not args.quick)
     return 0
 
 

@@ -18,7 +18,6 @@ and of the process's CPU time, with both medians in seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch
 from benchmarks import bench_linear_cross_entropy as linear
 from benchmarks.harness import Shape
 from benchmarks.machine import describe, machine_info
-from benchmarks.run import DEFAULT_OUT, DEFAULT_REPORT, QUICK_OUT, _shapes, write_outputs
+from benchmarks.run import DEFAULT_OUT, QUICK_OUT, _shapes, write_section
 
 SHAPES = [Shape(2048, d, v) for d in (512, 1024) for v in (32768, 128256, 256000)]
 QUICK_SHAPES = [Shape(64, 32, 256), Shape(37, 24, 1000)]
@@ -144,15 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         data["rows"].append(measure(shape, rounds))
         wall = data["rows"][-1]["wall"]
         print(f"{data['rows'][-1]['case']}: {wall['ratio']:.3f}x the floor (wall)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "paired.json").write_text(json.dumps(data, indent=1))
-    plot(data, out / "paired.png")
-    (out / "paired.md").write_text(markdown(data, "results/paired.png") + "\n")
-    print(markdown(data, str(out / "paired.png")))
-    if not args.quick:
-        from rich.console import Console
-
-        write_outputs(out, DEFAULT_REPORT, Console())
+    write_section(out, data, plot, markdown, remake_report=not args.quick)
     return 0
 
 

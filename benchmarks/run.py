@@ -20,6 +20,7 @@ import json
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,6 +346,27 @@ def write_outputs(out: Path, report_path: Path, console: Console) -> bool:
     report_path.write_text(report.markdown(results, plots, report_path))
     console.print(f"wrote {', '.join(str(p) for p in plots.values())} and {report_path}")
     return True
+
+
+def write_section(
+    out: Path,
+    data: dict,
+    plot_fn: Callable[[dict, Path], Path],
+    markdown_fn: Callable[[dict, str], str],
+    remake_report: bool,
+) -> None:
+    """What a runner with a markdown section of its own writes (``data["suite"]`` names the
+    files): ``NAME.json``, ``NAME.png`` and ``NAME.md`` in ``out``, the section printed, and
+    with ``remake_report`` RESULTS.md remade from every suite's results (it takes the section
+    as it is)."""
+    name = data["suite"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    plot_fn(data, out / f"{name}.png")
+    (out / f"{name}.md").write_text(markdown_fn(data, f"results/{name}.png") + "\n")
+    print(markdown_fn(data, str(out / f"{name}.png")))
+    if remake_report:
+        write_outputs(out, DEFAULT_REPORT, Console())
 
 
 def run_standalone(suites: list[Suite], module: str, argv: list[str] | None = None) -> int:

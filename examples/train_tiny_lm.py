@@ -174,6 +174,17 @@ def batches(corpus: Tensor, batch: int, context: int, generator: torch.Generator
         yield windows[:, :-1], windows[:, 1:]
 
 
+def optimizer_and_schedule(model: nn.Module, lr: float, steps: int):
+    """AdamW with a linear warm-up over the first tenth of ``steps``, then a cosine decay."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)),
+    )
+    return optimizer, schedule
+
+
 def unigram_entropy(corpus: Tensor, vocab: int) -> float:
     """Entropy (nats) of the corpus's word frequencies: the loss of a context-free model."""
     p = torch.bincount(corpus, minlength=vocab).double() / len(corpus)
@@ -272,12 +283,7 @@ def main() -> None:
     )
 
     model = TinyLM(vocab, args.dim, args.layers, heads=4, context=args.context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps)),
-    )
+    optimizer, schedule = optimizer_and_schedule(model, args.lr, args.steps)
     data = batches(corpus, args.batch, args.context, torch.Generator().manual_seed(args.seed))
     columns = (
         TextColumn("training"),
