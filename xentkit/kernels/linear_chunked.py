@@ -55,9 +55,10 @@ from xentkit.kernels.chunked import loss_and_grad
 # products (~15% at 128 rows, D = 1024, V = 128256 on the project's 2-core machine); 128 MiB
 # (~1000 rows at V = 32768). At least MIN_CHUNK_ROWS rows whatever V: at V = 128256 the
 # 256 rows of 128 MiB also slowed the logits product (inner dimension D, 256 output rows) by
-# ~15%, and in paired rounds against the three products (N=2048, D=1024) 512 rows took 1.12x
-# where 256 took 1.33x. One such buffer is held (the gradient overwrites the logits), whatever
-# the number of tokens: 250 MiB at V = 128256, 500 MiB at V = 256000 in float32.
+# ~15%, and `python -m benchmarks.bench_paired` at N=2048, D=1024 measured 1.42x the three
+# products with 256 rows, 1.28x with 512. One such buffer is held (the gradient overwrites
+# the logits), whatever the number of tokens: 250 MiB at V = 128256, 500 MiB at V = 256000
+# in float32.
 CHUNK_BYTES = 128 * 2**20
 MIN_CHUNK_ROWS = 512
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
