@@ -58,7 +58,7 @@ def expected(h, w, b, target, eps, chunk, **options):
     (grad,) = torch.autograd.grad(loss * denominator, logits)
     rows = grad[counted]
     kept = torch.cat([grad_filter.filtered(c, eps) for c in torch.split(rows, chunk)])
-    gh = torch.zeros_like(grad[:, :1].expand(-1, h.shape[1])).clone()
+    gh = grad.new_zeros(h.shape)
     gh[counted] = kept @ w.to(kept.dtype)
     gw = kept.T @ h[counted].to(kept.dtype)
     gb = grad.sum(0)

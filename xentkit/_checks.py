@@ -311,7 +311,7 @@ def check_chunk_size(chunk_size: int | None) -> None:
 
 
 def check_filter_eps(
-    filter_eps: float | None, reduction: str, label_smoothing: float, backend: str | None
+    filter_eps: float | None, reduction: str, label_smoothing: float, backend: str
 ) -> None:
     """Gradient filtering's options: a non-negative ``filter_eps`` on the chunked backend (the
     one that computes its backward products itself, ``backend`` the one resolved) with a
@@ -326,7 +326,7 @@ def check_filter_eps(
             f"filter_eps must be a float >= 0 (e.g. 2**-12) or None (no filtering), got "
             f"{filter_eps!r}."
         )
-    if backend is not None and backend != "chunked":
+    if backend != "chunked":
         raise ValueError(
             f"filter_eps (gradient filtering) runs on the chunked backend only, got backend "
             f"{backend!r}: pass backend='chunked' (and no class_weight that requires grad, "

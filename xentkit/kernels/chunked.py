@@ -64,6 +64,12 @@ def compile_enabled() -> bool:
     return _compile_enabled
 
 
+def inplace_compile_failed() -> bool:
+    """Whether compiling a kernel that writes its gradient over its own logits has failed in
+    this process (such calls then run the eager kernel)."""
+    return _inplace_compile_failed
+
+
 def reset_compiled() -> None:
     """Forget the compiled kernel, so that the next call compiles again (what the benchmarks
     time as the first call). Compiled code lives in torch's dynamo cache, which this resets

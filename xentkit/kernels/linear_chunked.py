@@ -213,34 +213,25 @@ class _Gradients:
         problem asks for it and the chunk's blocks keep little enough)."""
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=self.problem.acc))
-        if self.problem.filter_eps is not None and self._add_filtered(where, hidden, grad):
-            return
+        # The chunk's rows of the hidden-state gradient: a view, or (for gathered tokens) a
+        # buffer copied to its rows afterwards.
+        gathered = isinstance(where, Tensor)
+        out = None
         if self.hidden is not None:
-            if isinstance(where, slice):
-                torch.mm(grad, self.problem.weight, out=self.hidden[where])
-            else:
-                self.hidden.index_copy_(0, where, grad @ self.problem.weight)
-        if self.weight is not None:
-            if self._partial is None:
-                self.weight.addmm_(grad.T, hidden)
-            else:
-                self.weight.add_(torch.mm(grad.T, hidden, out=self._partial))
-
-    def _add_filtered(self, where: slice | Tensor, hidden: Tensor, grad: Tensor) -> bool:
-        """:func:`xentkit.kernels.grad_filter.backward_products` for one chunk; False when it
-        declined (the dense products are to run)."""
-        gathered = isinstance(where, Tensor) and self.hidden is not None
-        out = None if self.hidden is None else self.hidden[where] if not gathered else None
-        if gathered:
-            out = torch.empty_like(hidden)
-        weight = self.problem.weight
-        if not grad_filter.backward_products(
-            grad, self.problem.filter_eps, hidden, weight, out, self.weight
+            out = torch.empty_like(hidden) if gathered else self.hidden[where]
+        weight, eps = self.problem.weight, self.problem.filter_eps
+        if eps is None or not grad_filter.backward_products(
+            grad, eps, hidden, weight, out, self.weight
         ):
-            return False
-        if gathered:
+            if out is not None:
+                torch.mm(grad, weight, out=out)
+            if self.weight is not None:
+                if self._partial is None:
+                    self.weight.addmm_(grad.T, hidden)
+                else:
+                    self.weight.add_(torch.mm(grad.T, hidden, out=self._partial))
+        if gathered and out is not None:
             self.hidden.index_copy_(0, where, out)
-        return True
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         """The three accumulators, an empty tensor standing for each one not asked for (a
@@ -322,11 +313,11 @@ def _row_kernel(logits: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor | 
 def _gradient_buffer(problem: Problem) -> Tensor | None:
     """Where the row kernel writes each chunk's gradient: over the chunk's logits (None),
     unless compiling the CPU kernel to write over its own input has failed in this process
-    (:data:`xentkit.kernels.chunked._inplace_compile_failed`: such calls run the slower eager
+    (:func:`xentkit.kernels.chunked.inplace_compile_failed`: such calls run the slower eager
     kernel), in which case a second chunk buffer keeps the compiled one."""
     if _row_kernel(problem.hidden) is triton_loss_and_grad:
         return None
-    return problem.buffer() if chunked._inplace_compile_failed else None
+    return problem.buffer() if chunked.inplace_compile_failed() else None
 
 
 def _chunk_stats(problem: Problem, logits: Tensor, target: Tensor, where, per_row) -> None:
