@@ -5,6 +5,9 @@ Providers (each one call of forward and backward through ``torch.autograd.grad``
 - ``xentkit``: ``xentkit.cross_entropy`` with its default backend (``xentkit:NAME`` forces one);
 - ``xentkit-inplace``: the same with ``inplace_backward=True`` (the gradient overwrites the
   logits, so its peak should be near zero);
+- ``xentkit-inductor`` and ``xentkit-inplace-inductor``: the same two with the C row kernel
+  turned off (:mod:`xentkit.kernels.native`), i.e. the row passes compiled by inductor, which
+  evaluates each exponential twice;
 - ``torch``: ``torch.nn.functional.cross_entropy`` in eager mode, the reference of the ratios;
 - ``torch.compile``: the same function compiled (``dynamic=False``; compilation is in the first
   call's time);
@@ -15,9 +18,10 @@ Providers (each one call of forward and backward through ``torch.autograd.grad``
   memory it already holds, as ``inplace_backward=True`` does;
 - ``pass-max`` and ``pass-exp``: where a fused kernel's time goes, one pass over the logits
   each: their row maxima (``amax``: a read, no arithmetic to speak of) and their rows' sums of
-  exponentials in float32 (compiled like xentkit's row kernel: a read and one ``exp`` per
-  element). A row kernel takes one max pass, one exp pass for the sums and a second one for
-  the gradient (which it writes).
+  exponentials in float32 (compiled like xentkit's inductor row kernel: a read and one ``exp``
+  per element). The inductor row kernel takes one max pass, one exp pass for the sums and a
+  second one for the gradient (which it writes); the C kernel one pass from memory (a block's
+  maximum and exponentials while it is in L1), then one scaling pass over the row in cache.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 
 import xentkit
 from benchmarks.harness import Bench, Shape, Suite, split_backend
+from xentkit.kernels import native
 
 
 def case_label(shape: Shape) -> str:
@@ -55,11 +60,19 @@ def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str)
         sums = torch.compile(_exp_sums, dynamic=False, backend=compile_backend)
         return Bench(lambda: sums(logits), inputs_bytes)
     logits.requires_grad_(True)
-    if name in ("xentkit", "xentkit-inplace"):
-        inplace = name == "xentkit-inplace"
+    if name in ("xentkit", "xentkit-inplace", "xentkit-inductor", "xentkit-inplace-inductor"):
+        inplace = "inplace" in name
+        c_kernel = not name.endswith("inductor")
 
         def loss() -> torch.Tensor:
-            return xentkit.cross_entropy(logits, target, backend=backend, inplace_backward=inplace)
+            saved = native.enabled()
+            native.set_enabled(c_kernel)
+            try:
+                return xentkit.cross_entropy(
+                    logits, target, backend=backend, inplace_backward=inplace
+                )
+            finally:
+                native.set_enabled(saved)
 
     elif name == "torch":
 
@@ -78,8 +91,8 @@ def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str)
 
 
 PROVIDERS = (
-    "xentkit", "xentkit-inplace", "torch", "torch.compile", "floor", "floor-copy", "pass-max",
-    "pass-exp",
+    "xentkit", "xentkit-inplace", "xentkit-inductor", "xentkit-inplace-inductor", "torch",
+    "torch.compile", "floor", "floor-copy", "pass-max", "pass-exp",
 )  # fmt: skip
 
 SUITE = Suite(

@@ -241,7 +241,7 @@ def test_dry_run_lists_the_default_rows(capsys):
     assert run.main(["--dry-run", "--suite", "ce"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "ce N=4096 V=32768 float32 xentkit"
-    assert lines[-1].startswith("32 rows; results would go to")
+    assert lines[-1].startswith("40 rows; results would go to")
 
 
 def test_report_only_needs_results(tmp_path, capsys):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import xentkit
 from xentkit import reference
-from xentkit.kernels import _memory, chunked
+from xentkit.kernels import _memory, chunked, native
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("none", "mean", "sum")
@@ -39,18 +39,23 @@ FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 4e-3}
 
 
 @contextlib.contextmanager
-def kernel_mode(compiled: bool, chunk_rows: int | None = None, num_classes: int = 1):
-    """Run the compiled kernel (whatever the input's size) or the eager one, over chunks of
-    ``chunk_rows``."""
+def kernel_mode(mode: str, chunk_rows: int | None = None, num_classes: int = 1):
+    """Run the row passes one way: ``"eager"`` (over chunks of ``chunk_rows``), ``"compiled"``
+    (inductor, whatever the input's size) or ``"native"`` (the C kernel where it applies, the
+    eager one on the small inputs of these tests elsewhere)."""
     saved = chunked.compile_enabled(), chunked.EAGER_CHUNK_ELEMENTS, chunked.COMPILE_MIN_ELEMENTS
-    chunked.set_compile(compiled)
-    chunked.COMPILE_MIN_ELEMENTS = 0
+    saved_native = native.enabled()
+    chunked.set_compile(mode != "eager")
+    native.set_enabled(mode == "native")
+    if mode == "compiled":
+        chunked.COMPILE_MIN_ELEMENTS = 0
     if chunk_rows is not None:
         chunked.EAGER_CHUNK_ELEMENTS = chunk_rows * num_classes
     try:
         yield
     finally:
         chunked.set_compile(saved[0])
+        native.set_enabled(saved_native)
         chunked.EAGER_CHUNK_ELEMENTS, chunked.COMPILE_MIN_ELEMENTS = saved[1:]
 
 
@@ -134,8 +139,9 @@ options = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.parametrize("mode", ["eager", "native"])
 @given(options)
-def test_loss_and_grad_matches_reference(o):
+def test_loss_and_grad_matches_reference(mode, o):
     gen = torch.Generator().manual_seed(o["m"] * 100 + o["v"])
     m, v, dtype = o["m"], o["v"], o["dtype"]
     logits, target, weight = make_case(gen, m, v, dtype, 0.3, o["weighted"], o["ignore_index"])
@@ -150,7 +156,7 @@ def test_loss_and_grad_matches_reference(o):
 
     given_logits = logits.clone()
     out = {"new": None, "buffer": torch.empty_like(logits), "inplace": given_logits}[o["out"]]
-    with kernel_mode(False, o["chunk_rows"], v):
+    with kernel_mode(mode, o["chunk_rows"], v):
         ce, z, grad = chunked.loss_and_grad(given_logits, *args, a, b, out=out)
     acc = reference.accumulation_dtype(dtype)
     assert ce.dtype == z.dtype == acc and grad.dtype == dtype and grad.shape == (m, v)
@@ -163,11 +169,12 @@ def test_loss_and_grad_matches_reference(o):
         assert torch.equal(given_logits, logits)  # the input is left alone
 
 
+@pytest.mark.parametrize("mode", ["eager", "native"])
 @pytest.mark.parametrize("out", ["none", "inplace"])
-def test_loss_and_grad_without_scale_computes_no_gradient(out):
+def test_loss_and_grad_without_scale_computes_no_gradient(mode, out):
     logits, target, _ = make_case(torch.Generator().manual_seed(0), 5, 7, torch.float32)
     given = logits.clone()
-    with kernel_mode(False):
+    with kernel_mode(mode):
         ce, _, grad = chunked.loss_and_grad(
             given, target, None, -100, 0.0, 0.0, None, None, out=given if out == "inplace" else None
         )
@@ -175,6 +182,7 @@ def test_loss_and_grad_without_scale_computes_no_gradient(out):
     close(ce, reference.cross_entropy_terms(logits.double(), target).ce, LOSS_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mode", ["eager", "native"])
 @given(
     st.fixed_dictionaries(
         {
@@ -191,7 +199,7 @@ def test_loss_and_grad_without_scale_computes_no_gradient(out):
         }
     )
 )
-def test_cross_entropy_as_accurate_as_torch(o):
+def test_cross_entropy_as_accurate_as_torch(mode, o):
     gen = torch.Generator().manual_seed(o["m"] * 100 + o["v"])
     m, v, dtype, ignore_index = o["m"], o["v"], o["dtype"], o["ignore_index"]
     logits, target, weight = make_case(
@@ -206,7 +214,7 @@ def test_cross_entropy_as_accurate_as_torch(o):
 
     truth = value_and_grad(torch_fn, logits.double())
     theirs = value_and_grad(torch_fn, logits)
-    with kernel_mode(False, o["chunk_rows"], v):
+    with kernel_mode(mode, o["chunk_rows"], v):
         fn = kernel_ce(weight, ignore_index, o["reduction"], o["eps"], inplace=o["inplace"])
         ours = value_and_grad(fn, logits)
     assert ours[0].dtype == dtype and ours[1].dtype == dtype
@@ -214,6 +222,7 @@ def test_cross_entropy_as_accurate_as_torch(o):
     as_accurate_as_torch(ours[1], theirs[1], truth[1], dtype)
 
 
+@pytest.mark.parametrize("mode", ["eager", "native"])
 @given(
     st.fixed_dictionaries(
         {
@@ -227,7 +236,7 @@ def test_cross_entropy_as_accurate_as_torch(o):
         }
     )
 )
-def test_z_loss_and_softcap_match_reference(o):
+def test_z_loss_and_softcap_match_reference(mode, o):
     m, dtype = o["m"], o["dtype"]
     logits, target, weight = make_case(torch.Generator().manual_seed(m), m, 6, dtype, 0.3, True)
     weight = weight if o["weighted"] else None
@@ -239,7 +248,7 @@ def test_z_loss_and_softcap_match_reference(o):
         return reference.cross_entropy(x, target, w, -100, o["reduction"], *opts)
 
     expected = value_and_grad(reference_fn, logits.double())
-    with kernel_mode(False):
+    with kernel_mode(mode):
         ours = value_and_grad(kernel_ce(weight, -100, o["reduction"], *opts), logits)
     # Both are in the logits' dtype (as xentkit.cross_entropy returns them).
     close(ours[0], expected[0], GRAD_TOL[dtype])
@@ -255,18 +264,19 @@ def test_gradcheck_eager(reduction):
     def fn(x):
         return chunked.cross_entropy(x, target, weight, -100, reduction, 0.1, 0.01, 3.0)
 
-    with kernel_mode(False):
+    with kernel_mode("eager"):
         assert torch.autograd.gradcheck(fn, (logits,))
 
 
+@pytest.mark.parametrize("mode", ["eager", "native"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_all_ignored_and_empty_as_torch(reduction):
+def test_all_ignored_and_empty_as_torch(mode, reduction):
     cases = [(torch.randn(4, 5), torch.full((4,), -100))]
     cases += [(torch.randn(0, 5), torch.empty(0, dtype=torch.long))]
     cases += [(torch.randn(2, 0), torch.full((2,), -100))]  # no classes at all
     for rows, target in cases:
         target_of[0] = target
-        with kernel_mode(False):
+        with kernel_mode(mode):
             ours = value_and_grad(kernel_ce(None, -100, reduction), rows)
         theirs = value_and_grad(
             lambda x, t=target: F.cross_entropy(x, t, reduction=reduction), rows
@@ -274,14 +284,15 @@ def test_all_ignored_and_empty_as_torch(reduction):
         torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
+@pytest.mark.parametrize("mode", ["eager", "native"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_minus_inf_logits_as_torch(eps):
+def test_minus_inf_logits_as_torch(mode, eps):
     inf = float("inf")
     logits = torch.tensor([[1.0, -inf, 2.0, 0.5], [-inf, 3.0, -inf, 1.0], [0.0, 1.0, -inf, 2.0]])
     target = torch.tensor([0, 1, 2])  # the last target's logit is -inf: an infinite loss
     target_of[0] = target
     for reduction in REDUCTIONS:
-        with kernel_mode(False):
+        with kernel_mode(mode):
             ours = value_and_grad(kernel_ce(None, -100, reduction, eps), logits)
         theirs = value_and_grad(
             lambda x, r=reduction: F.cross_entropy(x, target, reduction=r, label_smoothing=eps),
@@ -300,7 +311,7 @@ def test_no_gradient_computed_without_requires_grad(monkeypatch):
         return run_rows(rows_fn, logits, out, *args)
 
     monkeypatch.setattr(chunked, "_run_rows", spy)
-    with kernel_mode(False):
+    with kernel_mode("eager"):
         loss = chunked.cross_entropy(logits, target, None, -100, "mean", 0.0, 0.0, None)
         with torch.no_grad():
             chunked.cross_entropy(logits.requires_grad_(), target, None, -100, "sum", 0, 0, None)
@@ -308,11 +319,12 @@ def test_no_gradient_computed_without_requires_grad(monkeypatch):
     close(loss, reference.cross_entropy(logits.double(), target), LOSS_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mode", ["eager", "native"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_inplace_backward_overwrites_logits_with_the_gradient(reduction):
+def test_inplace_backward_overwrites_logits_with_the_gradient(mode, reduction):
     logits, target, weight = make_case(torch.Generator().manual_seed(3), 7, 6, torch.float32)
     target_of[0] = target
-    with kernel_mode(False):
+    with kernel_mode(mode):
         expected = value_and_grad(kernel_ce(weight, -100, reduction, 0.1, 1e-3, 5.0), logits)
         leaf = logits.clone().requires_grad_()
         loss = chunked.cross_entropy(leaf, target, weight, -100, reduction, 0.1, 1e-3, 5.0, True)
@@ -326,7 +338,7 @@ def test_inplace_backward_overwrites_logits_with_the_gradient(reduction):
 def test_backward_twice_with_retain_graph():
     logits, target, _ = make_case(torch.Generator().manual_seed(4), 6, 5, torch.float32)
     leaf = logits.requires_grad_()
-    with kernel_mode(False):
+    with kernel_mode("eager"):
         loss = chunked.cross_entropy(leaf, target, None, -100, "none", 0.0, 0.0, None)
     g = torch.rand(6)
     (first,) = torch.autograd.grad(loss, leaf, g, retain_graph=True)
@@ -337,7 +349,7 @@ def test_backward_twice_with_retain_graph():
 def test_differentiating_twice_raises_a_clear_error():
     logits, target, _ = make_case(torch.Generator().manual_seed(4), 6, 5, torch.float64)
     leaf = logits.requires_grad_()
-    with kernel_mode(False):
+    with kernel_mode("eager"):
         loss = chunked.cross_entropy(leaf, target, None, -100, "sum", 0.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"no second derivative.*backend='reference'"):
         torch.autograd.grad(loss, leaf, create_graph=True)
@@ -352,7 +364,7 @@ def test_weight_requiring_grad_runs_the_reference():
         options = dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, backend="chunked")
         return xentkit.cross_entropy(x, target, w, **options)
 
-    with kernel_mode(False):
+    with kernel_mode("eager"):
         assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -361,7 +373,7 @@ def test_huge_page_gradient_buffer(monkeypatch):
     monkeypatch.setattr(_memory, "HUGE_PAGE_MIN_BYTES", 0)
     logits, target, _ = make_case(torch.Generator().manual_seed(5), 6, 5, torch.float32)
     target_of[0] = target
-    with kernel_mode(False):
+    with kernel_mode("eager"):
         ours = value_and_grad(kernel_ce(None, -100, "mean"), logits)
     gc.collect()
     theirs = value_and_grad(lambda x: F.cross_entropy(x, target), logits)
@@ -374,7 +386,7 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch):
 
     logits, target, _ = make_case(torch.Generator().manual_seed(5), 6, 5, torch.float32)
     monkeypatch.setattr(chunked, "_compiled", {chunked._fused_rows: broken})
-    with kernel_mode(True), pytest.warns(RuntimeWarning, match="using the eager kernel"):
+    with kernel_mode("compiled"), pytest.warns(RuntimeWarning, match="using the eager kernel"):
         ce, _, grad = chunked.loss_and_grad(logits, target, None, -100, 0.0, 0.0, None, 1.0)
         assert not chunked.compile_enabled()
     expected = reference_loss_and_grad(logits, target, None, -100, 0.0, 0.0, None, 1.0, 1.0)
@@ -390,7 +402,7 @@ def test_a_failed_in_place_compilation_keeps_the_compiled_kernel_for_other_calls
     expected = reference_loss_and_grad(logits, target, None, -100, 0.0, 0.0, None, 1.0, 1.0)
     monkeypatch.setattr(chunked, "_compiled", {chunked._fused_rows: broken})
     monkeypatch.setattr(chunked, "_inplace_compile_failed", False)
-    with kernel_mode(True), pytest.warns(RuntimeWarning, match="over the logits"):
+    with kernel_mode("compiled"), pytest.warns(RuntimeWarning, match="over the logits"):
         ce, _, grad = chunked.loss_and_grad(
             logits, target, None, -100, 0.0, 0.0, None, 1.0, out=logits
         )
@@ -430,7 +442,7 @@ def test_compiled_matches_reference_without_recompiling(case, dtype, out):
         args = (target, weight, -100, o["eps"], o["z_loss"], o["softcap"])
         expected = reference_loss_and_grad(logits, *args, 0.5, 2.0)
         given_logits = logits.clone()
-        with kernel_mode(True):
+        with kernel_mode("compiled"):
             dest = given_logits if out == "inplace" else None
             ce, z, grad = chunked.loss_and_grad(given_logits, *args, 0.5, 2.0, out=dest)
             compiled_or_skip()
@@ -445,7 +457,7 @@ def test_compiled_matches_reference_without_recompiling(case, dtype, out):
 
 def test_compiled_without_gradient():
     logits, target, _ = make_case(torch.Generator().manual_seed(7), 9, 17, torch.float32)
-    with kernel_mode(True):
+    with kernel_mode("compiled"):
         ce, _, grad = chunked.loss_and_grad(logits, target, None, -100, 0.0, 0.0, None, None)
         compiled_or_skip()
     assert grad is None
@@ -467,7 +479,7 @@ def test_torch_compile_of_a_caller(inplace):
 
     expected = F.cross_entropy(hidden @ head.T, target)
     expected_grads = torch.autograd.grad(expected, (hidden, head))
-    with kernel_mode(True):
+    with kernel_mode("compiled"):
         loss = torch.compile(step, fullgraph=True)(hidden, head, target)
         grads = torch.autograd.grad(loss, (hidden, head))
         compiled_or_skip()

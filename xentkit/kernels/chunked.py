@@ -3,23 +3,27 @@
 Once a row's log-sum-exp is known, the gradient of cross entropy with respect to that row's
 logits is known in closed form, so the forward pass writes it into one buffer and the backward
 pass only scales that buffer by ``grad_output``. The row passes (max, sum of exponentials,
-gradient) live in one function, :func:`_fused_rows`, that runs two ways:
+gradient) live in one function, :func:`_fused_rows`, that runs three ways:
 
+* for index targets in float32 or bfloat16 without a softcap, as a C kernel built on first use
+  (:mod:`xentkit.kernels.native`): the same formulas with one exponential per logit instead
+  of two, each row read once and written once;
 * compiled by ``torch.compile``'s C++ (inductor) backend, once per dtype and set of options,
   with dynamic shapes so that a new batch size never recompiles: the generated loop walks the
   rows one at a time and runs all three passes over a row while it is in cache, so the logits
   are read from memory once and the gradient written once;
 * eagerly, over chunks of rows sized to stay in cache: for inputs below
   :data:`COMPILE_MIN_ELEMENTS`, and where no C++ compiler is available (chosen automatically
-  when compiling fails, or forced with ``XENTKIT_NO_COMPILE=1`` or :func:`set_compile`).
+  when compiling fails, or forced with ``XENTKIT_NO_COMPILE=1`` or :func:`set_compile`, which
+  turn off the C kernel too).
 
 The first call for a dtype and set of options compiles (seconds; :func:`reset_compiled` lets a
 benchmark time it again). A large gradient buffer is mapped with transparent huge pages on
 Linux (:func:`_gradient_buffer`): faulting in its 4 KiB pages one by one would otherwise cost
 more than the kernel itself.
 
-The formulas are those of :func:`xentkit.reference.cross_entropy_terms`; the tests hold both
-ways to it and to PyTorch.
+The formulas are those of :func:`xentkit.reference.cross_entropy_terms`; the tests hold every
+way to it and to PyTorch.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
-from xentkit.kernels import _memory, row_stats
+from xentkit.kernels import _memory, native, row_stats
 from xentkit.kernels._fused_op import fused_cross_entropy
 
 # Elements per chunk of rows in the eager path: about 2 MiB of float32, so a chunk and the
@@ -221,6 +225,15 @@ def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tenso
     call, or eagerly chunk by chunk."""
     global _compile_enabled, _inplace_compile_failed
     m, num_classes = logits.shape
+    # The C kernel first, where it applies (index targets, float32/bfloat16, no softcap).
+    if (
+        rows_fn is _fused_rows
+        and _compile_enabled
+        and native.applies(logits, out, args[3])
+        and native.library() is not None
+    ):
+        target, weight, smooth, _softcap, *coefs = args
+        return native.fused_rows(logits, target, weight, smooth, *coefs, out)
     in_place = out is not None and out.data_ptr() == logits.data_ptr()
     compiled = _compile_enabled and not (in_place and _inplace_compile_failed)
     # torch.compile specialises sizes 0 and 1 even with dynamic shapes: one row or one class
