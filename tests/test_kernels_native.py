@@ -198,3 +198,20 @@ def test_compiled_caller_runs_it_fullgraph():
     F.cross_entropy(torch_leaf, target, label_smoothing=0.1).backward()
     torch.testing.assert_close(leaf.grad, torch_leaf.grad)
     assert chunked.compile_enabled()
+
+
+@pytest.mark.parametrize("width", [2, 16, 40])  # a tail only, one whole vector, both
+def test_exponentials_are_accurate_over_the_whole_range(width):
+    """softmax of rows [0, d, d, ...] for d from -85 to 0: each exp(d) within a few ulp."""
+    d = torch.linspace(-85.0, 0.0, 20001)
+    logits = torch.cat([torch.zeros(len(d), 1), d.unsqueeze(1).expand(-1, width - 1)], 1)
+    rows, target = len(d), torch.zeros(len(d), dtype=torch.long)
+    grad = torch.empty_like(logits)
+    ones, zeros = torch.ones(rows), torch.zeros(rows)
+    _, sum_exp, _ = native.fused_rows(logits, target, None, False, ones, zeros, None, None, grad)
+    exact = torch.exp(d.double())
+    # the sums add up to 40 float32 terms; the ratio g_1 / g_0 = exp(d) / exp(0) isolates the
+    # exponential (and the two roundings of the gradient's scaling)
+    torch.testing.assert_close(sum_exp.double(), 1 + (width - 1) * exact, rtol=1e-6, atol=0)
+    ratio = grad[:, 1].double() / grad[:, 0].double()
+    torch.testing.assert_close(ratio, exact, rtol=3e-7, atol=0)

@@ -33,24 +33,26 @@ static inline vf pick(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b
 static inline float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 static inline vf vmax(vf a, vf b) { return pick((a > b) | (a != a), a, b); }
 
-/* exp(x) for x <= 0, -inf and NaN: 2^n p(r) with r = x - n ln 2 in [-ln2/2, ln2/2] and p the
- * Cephes expf polynomial (within 2 ulp of expf); below -87 (under 2^-125) it is 0. */
-static inline vf vexp(vf x) {
+/* exp(d) for d <= 0 or -inf (d = x - shift; NaN and +inf rows are set to NaN by the caller):
+ * 2^n p(r) with n = round(d / ln 2), r = d - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
+ * for an exact r) and p a degree-6 polynomial fitted to exp on that interval (within 1e-7
+ * relative, under 2 ulp); 2^n is added to p's exponent bits. Below -86 (exp < 2^-124) it is 0,
+ * so -inf gives exactly 0. */
+static inline vf vexp(vf d) {
     const vf round = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vi normal = x >= splat(-87.0f);
-    vf xc = pick(normal, x, splat(-87.0f));
-    vf t = xc * splat(1.44269504088896341f) + round;
-    vf n = t - round;
-    vf r = xc - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r * r + r + splat(1.0f);
-    vf y = p * (vf)(((vi)t - 0x4B400000 + 127) << 23); /* p * 2^n */
-    return pick(normal, y, pick(x != x, x, splat(0.0f)));
+    const vf t = d * splat(1.44269504088896341f) + round;
+    const vf n = t - round;
+    const vf r = d - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vf p = splat(1.3836845755577087e-3f);
+    p = p * r + splat(8.374815806746483e-3f);
+    p = p * r + splat(4.166822507977486e-2f);
+    p = p * r + splat(1.6666419804096222e-1f);
+    p = p * r + splat(4.9999991059303284e-1f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    /* the low bits of t hold n; shifted into the exponent field they multiply p by 2^n */
+    const vi bits = (vi)p + ((vi)t << 23);
+    return (vf)(bits & (d >= splat(-86.0f)));
 }
 
 static inline float hsum(vf v) {
@@ -104,81 +106,140 @@ static inline void store(void *p, int bf16, int64_t j, int64_t n, vf v) {
     }
 }
 
+#define INLINE static inline __attribute__((always_inline))
+
+/* The steps below take n = LANES in a pass's loop over whole vectors, where inlining folds
+ * every test of n away, and n < LANES once for the block's tail. */
+
+/* Four running maxima: one would wait on the previous compare at every vector. */
+INLINE void max_step(const int bf16, const char *row, int64_t j, int64_t n, vf *top) {
+    *top = vmax(*top, load(row, bf16, j, n, -INFINITY));
+}
+
+/* e = exp(x - shift) into exps (when has_out) and its sum; with smooth, the sums of
+ * w (x - shift) and of w over the real lanes. */
+INLINE void exp_step(const int bf16, const int smooth, const int has_out, const char *row,
+                     float *exps, const float *weight, int64_t j, int64_t n, float shift,
+                     vf *esum, vf *wsum, vf *wtotal) {
+    const vf d = load(row, bf16, j, n, -INFINITY) - splat(shift), e = vexp(d);
+    /* the next block streams in from memory while this one is computed */
+    __builtin_prefetch(row + (j + BLOCK) * (bf16 ? 2 : 4));
+    *esum += e;
+    if (has_out) store(exps, 0, j, n, e);
+    if (smooth) {
+        const vi real = LANE < (int32_t)n;
+        const vf w = weight == NULL ? splat(1.0f) : load(weight, 0, j, n, 0.0f);
+        *wsum += pick(real, w * d, splat(0.0f));
+        *wtotal += pick(real, w, splat(0.0f));
+    }
+}
+
+/* g = e k - E w_j - T [j = t], rounded once into the gradient's dtype. */
+INLINE void grad_step(const int bf16, const int smooth, const float *exps, char *grad,
+                      const float *weight, int64_t j, int64_t n, vf k, vf e, int64_t t,
+                      float t_coef) {
+    vf g = load(exps, 0, j, n, 0.0f) * k;
+    if (smooth) g -= weight == NULL ? e : e * load(weight, 0, j, n, 0.0f);
+    if (t >= j && t < j + n) g[t - j] -= t_coef;
+    store(grad, bf16, j, n, g);
+}
+
+/* Row i, inlined once per storage type, smoothing flag and output flag so that none of them
+ * is tested inside its loops. shifts: 4 * blocks floats of per-block workspace (shift, then
+ * exp(shift - s); sum of e; sum of w (x - shift); sum of w); scratch: v floats for bfloat16. */
+INLINE void one_row(const int bf16, const int smooth, const int has_out, int64_t i,
+                    const void *x, void *out, int64_t v, const int64_t *target,
+                    const float *weight, const float *p_coef, const float *t_coef,
+                    const float *e_coef, const float *z_coef, float *row_max, float *sum_exp,
+                    float *smooth_sum, float *shifts, float *scratch) {
+    const int64_t blocks = (v + BLOCK - 1) / BLOCK;
+    const char *row = (const char *)x + i * v * (bf16 ? 2 : 4);
+    char *grad = has_out ? (char *)out + i * v * (bf16 ? 2 : 4) : NULL;
+    float *exps = bf16 ? scratch : (float *)grad;
+    float *sums = shifts + blocks, *wsums = sums + blocks, *wtotals = wsums + blocks;
+    float s = -INFINITY;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t lo = b * BLOCK, hi = lo + BLOCK < v ? lo + BLOCK : v;
+        vf top[4] = {splat(-INFINITY), splat(-INFINITY), splat(-INFINITY), splat(-INFINITY)};
+        int64_t j = lo;
+        for (; j + 4 * LANES <= hi; j += 4 * LANES)
+            for (int q = 0; q < 4; q++) max_step(bf16, row, j + q * LANES, LANES, &top[q]);
+        for (; j + LANES <= hi; j += LANES) max_step(bf16, row, j, LANES, &top[0]);
+        if (j < hi) max_step(bf16, row, j, hi - j, &top[0]);
+        const float block_max = hmax(vmax(vmax(top[0], top[1]), vmax(top[2], top[3])));
+        const float shift = block_max == -INFINITY ? 0.0f : block_max;
+        vf esum = splat(0.0f), wsum = esum, wtotal = esum;
+        for (j = lo; j + LANES <= hi; j += LANES)
+            exp_step(bf16, smooth, has_out, row, exps, weight, j, LANES, shift, &esum, &wsum,
+                     &wtotal);
+        if (j < hi)
+            exp_step(bf16, smooth, has_out, row, exps, weight, j, hi - j, shift, &esum, &wsum,
+                     &wtotal);
+        shifts[b] = shift;
+        sums[b] = hsum(esum);
+        wsums[b] = hsum(wsum);
+        wtotals[b] = hsum(wtotal);
+        s = max_nan(s, block_max);
+    }
+    const float shift = s == -INFINITY ? 0.0f : s;
+    float total = 0.0f, smoothed = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+        smoothed += wsums[b] + (shifts[b] - shift) * wtotals[b];
+        shifts[b] = vexp(splat(shifts[b] - shift))[0];
+        total += sums[b] * shifts[b];
+    }
+    /* a NaN or +inf logit makes the whole row NaN, as softmax does */
+    if (!(s < INFINITY)) total = smoothed = NAN;
+    row_max[i] = s;
+    sum_exp[i] = total;
+    if (smooth) smooth_sum[i] = smoothed;
+    if (!has_out) return;
+    float coef = p_coef[i];
+    if (z_coef != NULL) coef += z_coef[i] * (shift + logf(total));
+    coef /= total;
+    const vf e = splat(e_coef == NULL ? 0.0f : e_coef[i]);
+    const int64_t t = target[i];
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t lo = b * BLOCK, hi = lo + BLOCK < v ? lo + BLOCK : v;
+        const vf k = splat(shifts[b] * coef);
+        int64_t j = lo;
+        for (; j + LANES <= hi; j += LANES)
+            grad_step(bf16, smooth, exps, grad, weight, j, LANES, k, e, t, t_coef[i]);
+        if (j < hi) grad_step(bf16, smooth, exps, grad, weight, j, hi - j, k, e, t, t_coef[i]);
+    }
+}
+
 /* x and out: (m, v) float32 (bf16 = 0) or bfloat16; out NULL for the statistics alone, or x
  * itself to write over it. target: (m,) valid class ids. weight: (v,) float32 or NULL, used by
- * the smoothing terms only. p, t, and (or NULL) e and z: per-row coefficients. Writes
- * row_max = s, sum_exp = S and, when smooth, smooth_sum = sum_j w_j (x_j - shift). */
+ * the smoothing terms only. p, t, and (or NULL) e and z: per-row coefficients (e only used
+ * with smooth). Writes row_max = s, sum_exp = S and, when smooth, smooth_sum =
+ * sum_j w_j (x_j - shift). */
 void xentkit_rows(const void *x, void *out, int bf16, int64_t m, int64_t v,
                   const int64_t *target, const float *weight, int smooth, const float *p_coef,
                   const float *t_coef, const float *e_coef, const float *z_coef,
                   float *row_max, float *sum_exp, float *smooth_sum, int threads) {
-    const int64_t blocks = (v + BLOCK - 1) / BLOCK, width = bf16 ? 2 : 4;
+    const int64_t blocks = (v + BLOCK - 1) / BLOCK;
+    const int variant = (bf16 != 0) * 4 + (smooth != 0) * 2 + (out != NULL);
 #pragma omp parallel num_threads(threads)
     {
-        /* per block: shift, then exp(shift - s); sum of e; sum of w (x - shift); sum of w */
         float *shifts = malloc(4 * sizeof(float) * blocks);
-        float *sums = shifts + blocks, *wsums = sums + blocks, *wtotals = wsums + blocks;
         float *scratch = out != NULL && bf16 ? malloc(sizeof(float) * v) : NULL;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++) {
-            const char *row = (const char *)x + i * v * width;
-            char *grad = out == NULL ? NULL : (char *)out + i * v * width;
-            float *exps = bf16 ? scratch : (float *)grad;
-            float s = -INFINITY;
-            for (int64_t b = 0; b < blocks; b++) {
-                const int64_t lo = b * BLOCK, hi = lo + BLOCK < v ? lo + BLOCK : v;
-                vf top = splat(-INFINITY);
-                for (int64_t j = lo; j < hi; j += LANES)
-                    top = vmax(top, load(row, bf16, j, hi - j < LANES ? hi - j : LANES, -INFINITY));
-                const float block_max = hmax(top), shift = block_max == -INFINITY ? 0.0f : block_max;
-                vf esum = splat(0.0f), wsum = esum, wtotal = esum;
-                for (int64_t j = lo; j < hi; j += LANES) {
-                    const int64_t n = hi - j < LANES ? hi - j : LANES;
-                    const vf shifted = load(row, bf16, j, n, -INFINITY) - splat(shift);
-                    const vf e = vexp(shifted);
-                    esum += e;
-                    if (exps != NULL) store(exps, 0, j, n, e);
-                    if (smooth) {
-                        const vf w = weight == NULL ? splat(1.0f) : load(weight, 0, j, n, 0.0f);
-                        const vi real = LANE < (int32_t)n;
-                        wsum += pick(real, w * shifted, splat(0.0f));
-                        wtotal += pick(real, w, splat(0.0f));
-                    }
-                }
-                shifts[b] = shift;
-                sums[b] = hsum(esum);
-                wsums[b] = hsum(wsum);
-                wtotals[b] = hsum(wtotal);
-                s = max_nan(s, block_max);
+#define ROW(BF16, SMOOTH, OUT)                                                                \
+    one_row(BF16, SMOOTH, OUT, i, x, out, v, target, weight, p_coef, t_coef, e_coef, z_coef,  \
+            row_max, sum_exp, smooth_sum, shifts, scratch)
+            switch (variant) {
+                case 0: ROW(0, 0, 0); break;
+                case 1: ROW(0, 0, 1); break;
+                case 2: ROW(0, 1, 0); break;
+                case 3: ROW(0, 1, 1); break;
+                case 4: ROW(1, 0, 0); break;
+                case 5: ROW(1, 0, 1); break;
+                case 6: ROW(1, 1, 0); break;
+                default: ROW(1, 1, 1); break;
             }
-            const float shift = s == -INFINITY ? 0.0f : s;
-            float total = 0.0f, smoothed = 0.0f;
-            for (int64_t b = 0; b < blocks; b++) {
-                smoothed += wsums[b] + (shifts[b] - shift) * wtotals[b];
-                shifts[b] = vexp(splat(shifts[b] - shift))[0];
-                total += sums[b] * shifts[b];
-            }
-            row_max[i] = s;
-            sum_exp[i] = total;
-            if (smooth) smooth_sum[i] = smoothed;
-            if (grad == NULL) continue;
-            float coef = p_coef[i];
-            if (z_coef != NULL) coef += z_coef[i] * (shift + logf(total));
-            coef /= total;
-            const float e = e_coef == NULL ? 0.0f : e_coef[i];
-            const int64_t t = target[i];
-            for (int64_t b = 0; b < blocks; b++) {
-                const int64_t lo = b * BLOCK, hi = lo + BLOCK < v ? lo + BLOCK : v;
-                const vf k = splat(shifts[b] * coef);
-                for (int64_t j = lo; j < hi; j += LANES) {
-                    const int64_t n = hi - j < LANES ? hi - j : LANES;
-                    vf g = load(exps, 0, j, n, 0.0f) * k;
-                    if (e_coef != NULL)
-                        g -= weight == NULL ? splat(e) : splat(e) * load(weight, 0, j, n, 0.0f);
-                    if (t >= j && t < j + n) g[t - j] -= t_coef[i];
-                    store(grad, bf16, j, n, g);
-                }
-            }
+#undef ROW
         }
         free(shifts);
         free(scratch);
