@@ -8,6 +8,7 @@ what was expected and what was given, and suggests the likely fix.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -453,3 +454,11 @@ def check_distillation_heads(
             f"expected target dtype to be Long or Byte, but got {_dtype(target)}: pass "
             "target.long() (class indices)."
         )
+
+
+def is_dtensor(*tensors: Tensor | None) -> bool:
+    """Whether any argument is a ``torch.distributed.tensor.DTensor`` (those run vocab-parallel
+    over their device mesh, :mod:`xentkit.distributed`). A DTensor exists only once its module
+    is imported, so this never imports it (seconds on a first call)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(t, module.DTensor) for t in tensors)

@@ -949,7 +949,7 @@ def linear_head_outputs(
     from xentkit.functional import HEAD_OUTPUTS
     from xentkit.kernels.linear_log_probs import NO_IGNORE
 
-    if _is_dtensor_arg(input, weight, target, bias):
+    if _checks.is_dtensor(input, weight, target, bias):
         raise NotImplementedError(
             "linear_log_probs / linear_head_outputs do not take DTensor arguments yet: pass the "
             "local shard (weight.to_local(), bias.to_local()) with process_group= the group of "
@@ -991,12 +991,6 @@ def linear_head_outputs(
     return HeadOutputs(
         shaped[0], *(v if on else None for v, on in zip(shaped[1:], wanted, strict=True))
     )
-
-
-def _is_dtensor_arg(*tensors: Tensor | None) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(t, DTensor) for t in tensors)
 
 
 # ---------------------------------------------------------------- DTensor arguments

@@ -258,7 +258,7 @@ def cross_entropy(
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     _checks.check_reduction(reduction)
     _checks.check_floating_input(input)
-    if _is_dtensor(input, target, weight):
+    if _checks.is_dtensor(input, target, weight):
         from xentkit import distributed
 
         if return_stats:
@@ -470,12 +470,12 @@ def _linear_cross_entropy(
     """:func:`linear_cross_entropy` with the loss left in the accumulation dtype (float32,
     float64 for float64 input), as ``transformers`` computes its loss from upcast logits."""
     options = (class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    if filter_eps is not None and (process_group is not None or _is_dtensor(input, weight)):
+    if filter_eps is not None and (process_group is not None or _checks.is_dtensor(input, weight)):
         raise ValueError(
             "filter_eps (gradient filtering) is not supported vocab-parallel (process_group= "
             "or DTensor arguments); pass filter_eps=None."
         )
-    if _is_dtensor(input, weight, target, bias):
+    if _checks.is_dtensor(input, weight, target, bias):
         from xentkit import distributed
 
         if return_stats:
@@ -530,16 +530,6 @@ def _linear_cross_entropy(
     if per_row is None:
         return loss
     return loss, _shaped_stats(reference.loss_stats(*per_row, z_loss, reduction), target.shape)
-
-
-def _is_dtensor(*tensors: Tensor | None) -> bool:
-    """Whether any argument is a ``torch.distributed.tensor.DTensor``: those run vocab-parallel
-    over their device mesh (:mod:`xentkit.distributed`)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def linear_log_probs(
@@ -665,7 +655,7 @@ def linear_head_outputs(
     if softcap is not None:
         _checks.check_positive("softcap", softcap)
     _checks.check_floating_input(input)
-    if process_group is not None or _is_dtensor(input, weight, target, bias):
+    if process_group is not None or _checks.is_dtensor(input, weight, target, bias):
         from xentkit import distributed
 
         return distributed.linear_head_outputs(

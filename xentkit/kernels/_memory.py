@@ -2,10 +2,9 @@
 
 A fresh buffer of tens of MiB or more is a fresh memory mapping whose 4 KiB pages fault in one
 by one as a kernel first writes them; on many machines that costs more than the kernel's own
-work (a chunk of LM-head logits, a ``V x D`` weight gradient). On Linux such a buffer is mapped
-with ``MADV_HUGEPAGE`` instead (2 MiB pages, 512 times fewer faults), as torch's own allocator
-does when ``THP_MEM_ALLOC_ENABLE=1``; it is freed with its tensor like any other. An anonymous
-mapping reads as zeros, so :func:`large_zeros` costs no pass over the memory.
+work (a chunk of LM-head logits, the gradient of plain cross entropy). On Linux such a buffer is
+mapped with ``MADV_HUGEPAGE`` instead (2 MiB pages, 512 times fewer faults), as torch's own
+allocator does when ``THP_MEM_ALLOC_ENABLE=1``; it is freed with its tensor like any other.
 
 Example:
     >>> large_empty((2, 3), torch.float32, torch.device("cpu")).shape  # small: plain torch
@@ -40,9 +39,3 @@ def large_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     """An uninitialised contiguous tensor, huge-page mapped when large and on the CPU."""
     mapped = _mapped(tuple(shape), dtype, device)
     return torch.empty(shape, dtype=dtype, device=device) if mapped is None else mapped
-
-
-def large_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zeroed contiguous tensor, huge-page mapped (zero already) when large and on the CPU."""
-    mapped = _mapped(tuple(shape), dtype, device)
-    return torch.zeros(shape, dtype=dtype, device=device) if mapped is None else mapped

@@ -183,7 +183,10 @@ def _gradient_buffers(
         alloc = torch.zeros_like if zero_hidden else torch.empty_like
         gh = alloc(hidden, memory_format=torch.contiguous_format)
     if needs[1]:
-        gw = _memory.large_zeros(weight.shape, acc, weight.device)
+        # Plain pages: a fresh huge-page mapping of this size, first touched by the matrix
+        # product's threads, faulted in far slower in paired runs on this project's VM (the
+        # kernel compacts memory for each huge page).
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     if needs[2]:
         gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
     return gh, gw, gb
