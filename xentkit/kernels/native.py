@@ -133,11 +133,11 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(logits: Tensor, out: Tensor | None, softcap: Tensor | None) -> bool:
-    """Whether :func:`fused_rows` runs this call: float32 or bfloat16 CPU logits, contiguous,
-    ``out`` None or like them, no softcap, and the kernel turned on."""
+    """Whether :func:`fused_rows` covers this call: float32 or bfloat16 CPU logits,
+    contiguous, ``out`` None or like them, no softcap (whether the kernel is on and built is
+    :func:`library`'s answer)."""
     return (
-        _enabled
-        and softcap is None
+        softcap is None
         and logits.device.type == "cpu"
         and logits.dtype in (torch.float32, torch.bfloat16)
         and logits.is_contiguous()
