@@ -215,3 +215,29 @@ def test_exponentials_are_accurate_over_the_whole_range(width):
     torch.testing.assert_close(sum_exp.double(), 1 + (width - 1) * exact, rtol=1e-6, atol=0)
     ratio = grad[:, 1].double() / grad[:, 0].double()
     torch.testing.assert_close(ratio, exact, rtol=3e-7, atol=0)
+
+
+def test_a_failed_compilation_leaves_it_on(monkeypatch):
+    """Compiling the torch kernel failed for a call the C kernel does not take (a softcap):
+    that call and later ones like it run eagerly, the calls it takes stay on the C kernel."""
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(chunked, "_compiled", {chunked._fused_rows: broken})
+    monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
+    logits, target = torch.randn(8, 300), torch.randint(0, 300, (8,))
+    try:
+        with pytest.warns(RuntimeWarning, match="using the eager kernel for every call"):
+            capped = xentkit.cross_entropy(logits, target, softcap=5.0)
+        assert not chunked.compile_enabled()
+        calls = []
+        fused_rows = native.fused_rows
+        monkeypatch.setattr(native, "fused_rows", lambda *a: calls.append(1) or fused_rows(*a))
+        loss = xentkit.cross_entropy(logits, target)
+    finally:
+        chunked.set_compile(True)
+    assert calls == [1]
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target))
+    capped_logits = 5.0 * torch.tanh(logits / 5.0)
+    torch.testing.assert_close(capped, F.cross_entropy(capped_logits, target))

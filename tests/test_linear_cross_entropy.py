@@ -278,13 +278,14 @@ def test_chunk_gradient_overwrites_its_logits_unless_that_failed_to_compile(monk
 
     monkeypatch.setattr(chunked, "_inplace_compile_failed", failed)
     made = []
-    buffer = linear_chunked.Problem.buffer
+    for name in ("buffer", "workspace"):
+        make = getattr(linear_chunked.Problem, name)
 
-    def counted(self):
-        made.append(1)
-        return buffer(self)
+        def counted(self, make=make):
+            made.append(1)
+            return make(self)
 
-    monkeypatch.setattr(linear_chunked.Problem, "buffer", counted)
+        monkeypatch.setattr(linear_chunked.Problem, name, counted)
     h = torch.randn(40, 8, requires_grad=True)
     w = torch.randn(30, 8, requires_grad=True)
     target = torch.randint(30, (40,))
@@ -294,3 +295,79 @@ def test_chunk_gradient_overwrites_its_logits_unless_that_failed_to_compile(monk
     assert len(made) == (2 if failed else 1)
     for g, x in zip(got, want, strict=True):
         torch.testing.assert_close(g, x)
+
+
+def test_automatic_chunks_are_even():
+    """The automatic size sets how many chunks; they are then of equal size (no short last
+    chunk). An explicit ``chunk_size`` is taken as it is."""
+    hidden, weight, _, target = make_inputs(2048, 64, 32768, dtype=torch.float32, bias=False)
+    rows = linear_chunked.auto_chunk_size(32768, 64, torch.float32)
+    sizes = [len(t) for _, _, t in linear_chunked.Problem(
+        hidden, weight, target, None, None, -100, 0.0, 0.0, None, None
+    ).chunks()]  # fmt: skip
+    assert len(sizes) == -(-2048 // rows) and max(sizes) - min(sizes) <= 1 and sum(sizes) == 2048
+    explicit = linear_chunked.Problem(
+        hidden, weight, target, None, None, -100, 0.0, 0.0, None, 1000
+    )  # fmt: skip
+    assert [len(t) for _, _, t in explicit.chunks()] == [1000, 1000, 48]
+
+
+def test_chunk_buffer_is_kept_between_calls(monkeypatch):
+    """On the CPU the chunk buffer is the workspace: mapped by the first call, reused by the
+    next ones, freed by ``xentkit.empty_cache()``."""
+    from xentkit.kernels import _memory
+
+    xentkit.empty_cache()
+    mapped = []
+    large_empty = _memory.large_empty
+
+    def counted(shape, dtype, device):
+        mapped.append(shape)
+        return large_empty(shape, dtype, device)
+
+    monkeypatch.setattr(_memory, "large_empty", counted)
+    hidden, weight, bias, target = make_inputs(40, 8, 30, dtype=torch.float32)
+    for _ in range(3):
+        loss = xentkit.linear_cross_entropy(hidden, weight, target, bias, chunk_size=16)
+        loss.backward()
+    assert len(mapped) == 1
+    xentkit.empty_cache()
+    assert _memory._WORKSPACE.bytes is None
+
+
+def test_workspace_is_lent_to_one_caller_at_a_time():
+    from xentkit.kernels import _memory
+
+    cpu = torch.device("cpu")
+    with (
+        _memory.workspace((4, 8), torch.float32, cpu) as first,
+        _memory.workspace((4, 8), torch.float32, cpu) as second,
+    ):
+        assert second.data_ptr() != first.data_ptr()  # a fresh one while it is lent
+    with _memory.workspace((2, 8), torch.bfloat16, cpu) as again:
+        assert again.data_ptr() == first.data_ptr() and again.dtype == torch.bfloat16
+    with _memory.workspace((100, 8), torch.float32, cpu) as larger:
+        assert larger.shape == (100, 8)
+        larger.fill_(1.0)
+    assert _memory._WORKSPACE.bytes.numel() >= 100 * 8 * 4
+
+
+def test_concurrent_calls_from_threads():
+    """Two threads in the fused head at once: each gets its own chunk buffer."""
+    import threading
+
+    hidden, weight, bias, target = make_inputs(64, 8, 50, dtype=torch.float32)
+    want = torch.autograd.grad(fused(hidden, weight, target, bias, chunk_size=16), (weight,))[0]
+    got = [None] * 4
+
+    def run(k):
+        loss = fused(hidden, weight, target, bias, chunk_size=16)
+        got[k] = torch.autograd.grad(loss, (weight,))[0]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for g in got:
+        torch.testing.assert_close(g, want)

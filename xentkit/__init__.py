@@ -20,6 +20,7 @@ from xentkit.functional import (
     nll_loss,
     softmax,
 )
+from xentkit.kernels._memory import empty_cache
 from xentkit.reference import LossStats
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "empty_cache",
     "explain",
     "linear_cross_entropy",
     "linear_distillation_loss",

@@ -6,15 +6,26 @@ work (a chunk of LM-head logits, the gradient of plain cross entropy). On Linux 
 mapped with ``MADV_HUGEPAGE`` instead (2 MiB pages, 512 times fewer faults), as torch's own
 allocator does when ``THP_MEM_ALLOC_ENABLE=1``; it is freed with its tensor like any other.
 
+The chunk buffer of the fused LM head is needed again by the next step, so on the CPU it is a
+*workspace*: one mapping kept between calls and lent to one call at a time (:func:`workspace`),
+as CUDA's caching allocator keeps its blocks; faulting in and compacting a fresh one cost the
+head more than its row pass. :func:`empty_cache` (``xentkit.empty_cache()``) returns it.
+
 Example:
     >>> large_empty((2, 3), torch.float32, torch.device("cpu")).shape  # small: plain torch
     torch.Size([2, 3])
+    >>> with workspace((4, 8), torch.float32, torch.device("cpu")) as buffer:
+    ...     buffer.shape
+    torch.Size([4, 8])
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -39,3 +50,61 @@ def large_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     """An uninitialised contiguous tensor, huge-page mapped when large and on the CPU."""
     mapped = _mapped(tuple(shape), dtype, device)
     return torch.empty(shape, dtype=dtype, device=device) if mapped is None else mapped
+
+
+class _Workspace:
+    """The CPU workspace: at most one byte buffer, lent to one caller at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bytes: Tensor | None = None
+        self.lent = False
+
+    def take(self, nbytes: int) -> Tensor | None:
+        """At least ``nbytes`` bytes, or None while the buffer is lent to another call."""
+        with self.lock:
+            if self.lent:
+                return None
+            self.lent = True
+            if self.bytes is None or self.bytes.numel() < nbytes:
+                self.bytes = None  # freed before its larger successor is mapped
+                self.bytes = large_empty((nbytes,), torch.uint8, torch.device("cpu"))
+            return self.bytes
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.lent = False
+
+    def clear(self) -> None:
+        with self.lock:
+            self.bytes = None
+
+
+_WORKSPACE = _Workspace()
+
+
+@contextlib.contextmanager
+def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+    """An uninitialised contiguous ``shape`` tensor for the ``with`` block: on the CPU a view of
+    the workspace, kept for the next call (a fresh :func:`large_empty` while another call holds
+    it); elsewhere a plain allocation (CUDA's allocator caches it)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    held = _WORKSPACE.take(nbytes) if torch.device(device).type == "cpu" else None
+    if held is None:
+        yield large_empty(shape, dtype, device)
+        return
+    try:
+        yield held[:nbytes].view(dtype).view(shape)
+    finally:
+        _WORKSPACE.give_back()
+
+
+def empty_cache() -> None:
+    """Free the CPU workspace the fused LM-head kernels keep between calls (one chunk of
+    logits, :data:`xentkit.kernels.linear_chunked.CHUNK_BYTES` by default); the next call maps
+    a new one.
+
+    Example:
+        >>> empty_cache()
+    """
+    _WORKSPACE.clear()

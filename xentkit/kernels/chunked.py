@@ -14,8 +14,8 @@ gradient) live in one function, :func:`_fused_rows`, that runs three ways:
   are read from memory once and the gradient written once;
 * eagerly, over chunks of rows sized to stay in cache: for inputs below
   :data:`COMPILE_MIN_ELEMENTS`, and where no C++ compiler is available (chosen automatically
-  when compiling fails, or forced with ``XENTKIT_NO_COMPILE=1`` or :func:`set_compile`, which
-  turn off the C kernel too).
+  when compiling fails, which leaves the C kernel on where it applies, or forced with
+  ``XENTKIT_NO_COMPILE=1`` or :func:`set_compile`, which turn off the C kernel too).
 
 The first call for a dtype and set of options compiles (seconds; :func:`reset_compiled` lets a
 benchmark time it again). A large gradient buffer is mapped with transparent huge pages on
@@ -46,7 +46,11 @@ EAGER_CHUNK_ELEMENTS = 1 << 19
 # options) would not pay for itself, and the eager kernel is fast enough on them.
 COMPILE_MIN_ELEMENTS = 1 << 20
 
+# The user's switch (XENTKIT_NO_COMPILE, set_compile) of the C and the compiled kernels.
 _compile_enabled = os.environ.get("XENTKIT_NO_COMPILE", "") in ("", "0")
+# Set when compiling a kernel that does not write over its logits failed: every call that the
+# C kernel does not take then runs eagerly.
+_compile_failed = False
 # The compiled form of each row function (index targets, probability targets), made on first use.
 _compiled: dict = {}
 # Set when compiling a kernel that writes the gradient over its own logits failed (torch
@@ -56,16 +60,16 @@ _inplace_compile_failed = False
 
 
 def set_compile(enabled: bool) -> None:
-    """Use the compiled kernel (``True``, the default unless ``XENTKIT_NO_COMPILE=1`` is set)
-    or the eager one (``False``)."""
-    global _compile_enabled
-    _compile_enabled = enabled
+    """Use the C and compiled kernels (``True``, the default unless ``XENTKIT_NO_COMPILE=1``
+    is set; it also tries compiling again after a failure) or the eager one (``False``)."""
+    global _compile_enabled, _compile_failed
+    _compile_enabled, _compile_failed = enabled, False
 
 
 def compile_enabled() -> bool:
     """Whether the next call tries the compiled kernel (False after compiling has failed for a
     call that does not write its gradient over its logits)."""
-    return _compile_enabled
+    return _compile_enabled and not _compile_failed
 
 
 def inplace_compile_failed() -> bool:
@@ -78,9 +82,9 @@ def reset_compiled() -> None:
     """Forget the compiled kernel, so that the next call compiles again (what the benchmarks
     time as the first call). Compiled code lives in torch's dynamo cache, which this resets
     for every function."""
-    global _inplace_compile_failed
+    global _compile_failed, _inplace_compile_failed
     _compiled.clear()
-    _inplace_compile_failed = False
+    _compile_failed = _inplace_compile_failed = False
     torch._dynamo.reset()
 
 
@@ -223,7 +227,7 @@ def _soft_rows(
 def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tensor | None, ...]:
     """``rows_fn`` (:func:`_fused_rows` or :func:`_soft_rows`) over all rows: compiled in one
     call, or eagerly chunk by chunk."""
-    global _compile_enabled, _inplace_compile_failed
+    global _compile_failed, _inplace_compile_failed
     m, num_classes = logits.shape
     # The C kernel first, where it applies (index targets, float32/bfloat16, no softcap).
     if (
@@ -235,7 +239,7 @@ def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tenso
         target, weight, smooth, _softcap, *coefs = args
         return native.fused_rows(logits, target, weight, smooth, *coefs, out)
     in_place = out is not None and out.data_ptr() == logits.data_ptr()
-    compiled = _compile_enabled and not (in_place and _inplace_compile_failed)
+    compiled = compile_enabled() and not (in_place and _inplace_compile_failed)
     # torch.compile specialises sizes 0 and 1 even with dynamic shapes: one row or one class
     # stays eager rather than cost a compilation of its own.
     if compiled and m > 1 and num_classes > 1 and m * num_classes >= COMPILE_MIN_ELEMENTS:
@@ -252,7 +256,7 @@ def _run_rows(rows_fn, logits: Tensor, out: Tensor | None, *args) -> tuple[Tenso
             if in_place:
                 _inplace_compile_failed = True
             else:
-                _compile_enabled = False
+                _compile_failed = True
             calls = "calls that write the gradient over the logits" if in_place else "every call"
             warnings.warn(
                 f"xentkit: compiling the fused cross-entropy kernel failed ({error!r:.200}); "

@@ -11,7 +11,8 @@ the logits), and that gradient is pushed through the head at once:
           \quad \nabla_b \mathrel{+}= \textstyle\sum_{\text{rows}} G
 
 so the extra memory is one chunk of logits plus the float32 weight gradient, whatever ``M``
-is: about :data:`CHUNK_BYTES` on the CPU, traded for speed by ``chunk_size``.
+is: about :data:`CHUNK_BYTES` on the CPU (kept between calls as a workspace,
+:func:`xentkit.kernels._memory.workspace`), traded for speed by ``chunk_size``.
 Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
 
 For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
@@ -38,6 +39,7 @@ the matrix products stay cuBLAS's. On the CPU it is :func:`xentkit.kernels.chunk
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable, Iterator
 
@@ -129,9 +131,15 @@ class Problem:
         self.count = int(counted.sum())
         # Positions of the counted tokens, or None when all count and chunks can be plain views.
         self.index = None if self.count == target.numel() else counted.nonzero().squeeze(1)
-        rows = chunk_size or auto_chunk_size(
-            weight.shape[0], weight.shape[1], hidden.dtype, hidden.device.type
-        )
+        if chunk_size is None:
+            rows = auto_chunk_size(
+                weight.shape[0], weight.shape[1], hidden.dtype, hidden.device.type
+            )
+            # As many chunks as that size needs, of equal size: no short last chunk, whose
+            # small matrix products would run far below the others' speed.
+            rows = -(-self.count // -(-self.count // rows)) if self.count else rows
+        else:
+            rows = chunk_size
         self.rows = max(1, min(rows, self.count))
 
     def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
@@ -153,10 +161,16 @@ class Problem:
         return torch.addmm(self.bias, hidden, self.weight.T, out=out)
 
     def buffer(self) -> Tensor:
-        """An ``(m, V)`` buffer every chunk reuses (huge-page mapped on the CPU: a fresh
-        mapping of 4 KiB pages would fault in page by page)."""
+        """An ``(m, V)`` buffer of the hidden states' dtype (huge-page mapped on the CPU: a
+        fresh mapping of 4 KiB pages would fault in page by page)."""
         shape = (self.rows, self.weight.shape[0])
         return _memory.large_empty(shape, self.hidden.dtype, self.hidden.device)
+
+    def workspace(self) -> contextlib.AbstractContextManager[Tensor]:
+        """The ``(m, V)`` buffer every chunk of a pass reuses, for a ``with`` block: on the CPU
+        the workspace kept between calls (:func:`xentkit.kernels._memory.workspace`)."""
+        shape = (self.rows, self.weight.shape[0])
+        return _memory.workspace(shape, self.hidden.dtype, self.hidden.device)
 
     def denominators(self, reduction: str) -> tuple[Tensor, Tensor]:
         """What the cross-entropy and z-loss sums are divided by: for the mean, the summed
@@ -175,18 +189,19 @@ def _gradient_buffers(
     hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool], zero_hidden: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The accumulators of the gradients asked for (``needs``: hidden, weight, bias): the hidden
-    states' in their dtype (zeroed when ``zero_hidden``: rows no chunk visits), the weight's and
-    the bias's in the accumulation dtype."""
+    states' in their dtype (zeroed when ``zero_hidden``: rows no chunk visits), the weight's
+    (uninitialised) and the bias's (zeroed) in the accumulation dtype."""
     acc = reference.accumulation_dtype(hidden.dtype)
     gh = gw = gb = None
     if needs[0]:
         alloc = torch.zeros_like if zero_hidden else torch.empty_like
         gh = alloc(hidden, memory_format=torch.contiguous_format)
     if needs[1]:
-        # Plain pages: a fresh huge-page mapping of this size, first touched by the matrix
+        # Uninitialised (:class:`_Gradients` writes the first chunk's product over it) and in
+        # plain pages: a fresh huge-page mapping of this size, first touched by the matrix
         # product's threads, faulted in far slower in paired runs on this project's VM (the
         # kernel compacts memory for each huge page).
-        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
     if needs[2]:
         gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
     return gh, gw, gb
@@ -202,6 +217,9 @@ class _Gradients:
         zero_hidden = problem.index is not None
         buffers = _gradient_buffers(problem.hidden, problem.weight, needs, zero_hidden)
         self.hidden, self.weight, self.bias = buffers
+        # The weight gradient holds nothing yet: the first product is written over it rather
+        # than added to zeros (one pass less over the V x D float32 matrix).
+        self._weight_empty = self.weight is not None
         # Half-precision products are rounded once per chunk here, then summed in float32.
         self._partial = None
         if self.weight is not None and problem.weight.dtype != problem.acc:
@@ -223,22 +241,43 @@ class _Gradients:
         if self.hidden is not None:
             out = torch.empty_like(hidden) if gathered else self.hidden[where]
         weight, eps = self.problem.weight, self.problem.filter_eps
+        if eps is not None:
+            self._zero_weight()  # filtering adds its kept rows to it
         if eps is None or not grad_filter.backward_products(
             grad, eps, hidden, weight, out, self.weight
         ):
             if out is not None:
                 torch.mm(grad, weight, out=out)
             if self.weight is not None:
-                if self._partial is None:
-                    self.weight.addmm_(grad.T, hidden)
-                else:
-                    self.weight.add_(torch.mm(grad.T, hidden, out=self._partial))
+                self._add_weight(grad, hidden)
         if gathered and out is not None:
             self.hidden.index_copy_(0, where, out)
+
+    def _add_weight(self, grad: Tensor, hidden: Tensor) -> None:
+        """``weight gradient += grad.T @ hidden`` (written over it when it holds nothing yet)."""
+        first, self._weight_empty = self._weight_empty, False
+        if self._partial is None:
+            if first:
+                torch.mm(grad.T, hidden, out=self.weight)
+            else:
+                self.weight.addmm_(grad.T, hidden)
+            return
+        product = torch.mm(grad.T, hidden, out=self._partial)
+        if first:
+            self.weight.copy_(product)
+        else:
+            self.weight.add_(product)
+
+    def _zero_weight(self) -> None:
+        """Zero the weight gradient if nothing has been written into it yet."""
+        if self._weight_empty:
+            self.weight.zero_()
+            self._weight_empty = False
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         """The three accumulators, an empty tensor standing for each one not asked for (a
         custom op returns tensors, not None)."""
+        self._zero_weight()  # no chunk: a zero gradient
         grads = (self.hidden, self.weight, self.bias)
         return tuple(self.problem.hidden.new_empty(0) if g is None else g for g in grads)
 
@@ -353,27 +392,28 @@ def _forward(
         zero.new_zeros(rows),
         torch.zeros_like(problem.target[:rows], dtype=torch.bool),
     ]
-    buffer, grad_buffer = problem.buffer(), _gradient_buffer(problem)
-    for where, hidden, target in problem.chunks():
-        logits = problem.logits(hidden, buffer)
-        if stats:
-            _chunk_stats(problem, logits, target, where, per_row)
-        ce, z, grad = _row_kernel(logits)(
-            logits,
-            target,
-            problem.class_weight,
-            *problem.options,
-            ce_scale=1.0 if grads.any else None,
-            z_scale=ratio,
-            out=logits if grad_buffer is None else grad_buffer[: logits.shape[0]],
-        )
-        if losses is not None:
-            losses[where] = ce + z
-        else:
-            ce_total += ce.sum()
-            z_total += z.sum()
-        if grad is not None:
-            grads.add(where, hidden, grad)
+    grad_buffer = _gradient_buffer(problem)
+    with problem.workspace() as buffer:
+        for where, hidden, target in problem.chunks():
+            logits = problem.logits(hidden, buffer)
+            if stats:
+                _chunk_stats(problem, logits, target, where, per_row)
+            ce, z, grad = _row_kernel(logits)(
+                logits,
+                target,
+                problem.class_weight,
+                *problem.options,
+                ce_scale=1.0 if grads.any else None,
+                z_scale=ratio,
+                out=logits if grad_buffer is None else grad_buffer[: logits.shape[0]],
+            )
+            if losses is not None:
+                losses[where] = ce + z
+            else:
+                ce_total += ce.sum()
+                z_total += z.sum()
+            if grad is not None:
+                grads.add(where, hidden, grad)
     if losses is not None:
         return losses, grads, per_row
     # A mean over no counted token is 0 / 0 = NaN, as in PyTorch.
@@ -390,10 +430,10 @@ def backward_over_chunks(
     head: the gradients asked for by ``needs`` in the parameters' dtypes, an empty tensor for
     each other one."""
     grads = _Gradients(problem, needs)
-    buffer = problem.buffer()
-    for where, hidden, target in problem.chunks():
-        logits = problem.logits(hidden, buffer)
-        grads.add(where, hidden, chunk_grad(where, logits, target))
+    with problem.workspace() as buffer:
+        for where, hidden, target in problem.chunks():
+            logits = problem.logits(hidden, buffer)
+            grads.add(where, hidden, chunk_grad(where, logits, target))
     params = (problem.hidden, problem.weight, problem.bias)
     return tuple(
         g.to(p.dtype) if need else g

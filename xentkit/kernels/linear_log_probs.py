@@ -106,22 +106,22 @@ def _forward(
     flag = torch.zeros(rows if outputs.is_top1 else 0, dtype=torch.bool, device=zeros.device)
     results.append(flag)
     log_prob, lse, entropy, log_sum_sq, mean, top1 = results
-    buffer = problem.buffer()
-    for where, hidden, target in problem.chunks():
-        s, _ = transform.apply(problem.logits(hidden, buffer))
-        stats = block(
-            s,
-            target,
-            entropy=outputs.entropy,
-            sum_sq=outputs.log_sum_sq_probs,
-            sum_x=outputs.mean_logits,
-            argmax=outputs.is_top1,
-        )
-        done = row_stats.finish(stats, target, s.shape[-1])
-        log_prob[where], lse[where] = done.log_prob, done.lse
-        for name, out in zip(Outputs._fields, (entropy, log_sum_sq, mean, top1), strict=True):
-            if getattr(outputs, name):
-                out[where] = getattr(done, name)
+    with problem.workspace() as buffer:
+        for where, hidden, target in problem.chunks():
+            s, _ = transform.apply(problem.logits(hidden, buffer))
+            stats = block(
+                s,
+                target,
+                entropy=outputs.entropy,
+                sum_sq=outputs.log_sum_sq_probs,
+                sum_x=outputs.mean_logits,
+                argmax=outputs.is_top1,
+            )
+            done = row_stats.finish(stats, target, s.shape[-1])
+            log_prob[where], lse[where] = done.log_prob, done.lse
+            for name, out in zip(Outputs._fields, (entropy, log_sum_sq, mean, top1), strict=True):
+                if getattr(outputs, name):
+                    out[where] = getattr(done, name)
     return results
 
 
