@@ -94,9 +94,16 @@ def slow_dtype(dtype: str) -> str | None:
     )
 
 
-def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str) -> Bench:
+def build(
+    provider: str,
+    shape: Shape,
+    dtype: torch.dtype,
+    compile_backend: str,
+    chunk_size: int | None = None,
+) -> Bench:
     """Random hidden states, a classifier scaled like an initialised ``nn.Linear``, targets,
-    and the step of ``provider`` on them."""
+    and the step of ``provider`` on them (xentkit's with ``chunk_size`` tokens per chunk, the
+    automatic choice when None)."""
     name, backend = split_backend(provider)
     h = torch.randn(shape.n, shape.d, dtype=dtype)
     w = (torch.randn(shape.v, shape.d) / shape.d**0.5).to(dtype)
@@ -110,7 +117,9 @@ def build(provider: str, shape: Shape, dtype: torch.dtype, compile_backend: str)
     if name == "xentkit":
 
         def loss_fn(h, w, target):
-            return xentkit.linear_cross_entropy(h, w, target, backend=backend)
+            return xentkit.linear_cross_entropy(
+                h, w, target, backend=backend, chunk_size=chunk_size
+            )
 
     elif name == "torch":
         loss_fn = _torch_loss

@@ -10,9 +10,12 @@ round after round, and each round gives one ratio: a spell slows both halves of 
 Reported per shape: the median ratio over the rounds and its spread (p20-p80), of wall time
 and of the process's CPU time, with both medians in seconds.
 
-``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R]`` writes
-``benchmarks/results/paired.{json,png,md}`` (the markdown goes into RESULTS.md as it is);
-``--quick`` runs tiny shapes into ``benchmarks/results-quick`` instead.
+``--chunk-sizes auto,1024,...`` adds xentkit with those tokens per chunk to the same rounds
+(one row each; ``auto`` is the default choice), to measure what the chunk size trades.
+
+``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R] [--chunk-sizes ...]``
+writes ``benchmarks/results/paired.{json,png,md}`` (the markdown goes into RESULTS.md as it
+is); ``--quick`` runs tiny shapes into ``benchmarks/results-quick`` instead.
 """
 
 from __future__ import annotations
@@ -43,14 +46,16 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), cuts[1], cuts[7]
 
 
-def measure(shape: Shape, rounds: int) -> dict:
-    """``rounds`` turns of xentkit then the floor (after one warm-up turn): per-round ratios."""
+def measure(shape: Shape, rounds: int, chunk_sizes: list[int | None]) -> list[dict]:
+    """``rounds`` turns of xentkit (once per chunk size) then the floor, after one warm-up
+    turn: one row of per-round ratios per chunk size."""
     steps = {
-        name: linear.build(name, shape, torch.float32, "inductor").step
-        for name in ("xentkit", "floor")
+        k: linear.build("xentkit", shape, torch.float32, "inductor", chunk).step
+        for k, chunk in enumerate(chunk_sizes)
     }
-    wall: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    steps["floor"] = linear.build("floor", shape, torch.float32, "inductor").step
+    wall: dict = {name: [] for name in steps}
+    cpu: dict = {name: [] for name in steps}
     for turn in range(rounds + 1):
         for name, step in steps.items():
             start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -58,18 +63,28 @@ def measure(shape: Shape, rounds: int) -> dict:
             if turn:
                 wall[name].append(time.perf_counter() - start_wall)
                 cpu[name].append(time.process_time() - start_cpu)
-    row = {"case": linear.case_label(shape), "n": shape.n, "d": shape.d, "v": shape.v}
-    for clock, times in (("wall", wall), ("cpu", cpu)):
-        ratios = [x / f for x, f in zip(times["xentkit"], times["floor"], strict=True)]
-        median, p20, p80 = _quantiles(ratios)
-        row[clock] = {
-            "ratio": median,
-            "p20": p20,
-            "p80": p80,
-            "xentkit_s": statistics.median(times["xentkit"]),
-            "floor_s": statistics.median(times["floor"]),
-        }
-    return row
+    rows = []
+    for k, chunk in enumerate(chunk_sizes):
+        row = {"case": linear.case_label(shape), "n": shape.n, "d": shape.d, "v": shape.v}
+        row["chunk_size"] = "auto" if chunk is None else chunk
+        for clock, times in (("wall", wall), ("cpu", cpu)):
+            ratios = [x / f for x, f in zip(times[k], times["floor"], strict=True)]
+            median, p20, p80 = _quantiles(ratios)
+            row[clock] = {
+                "ratio": median,
+                "p20": p20,
+                "p80": p80,
+                "xentkit_s": statistics.median(times[k]),
+                "floor_s": statistics.median(times["floor"]),
+            }
+        rows.append(row)
+    return rows
+
+
+def _label(row: dict) -> str:
+    """The case, with its chunk size unless automatic."""
+    chunk = row.get("chunk_size", "auto")
+    return row["case"] if chunk == "auto" else f"{row['case']} chunk={chunk}"
 
 
 def markdown(data: dict, image: str) -> str:
@@ -88,7 +103,7 @@ def markdown(data: dict, image: str) -> str:
     for row in data["rows"]:
         wall, cpu = row["wall"], row["cpu"]
         lines.append(
-            f"| {row['case']} | {wall['xentkit_s']:.2f} s | {wall['floor_s']:.2f} s | "
+            f"| {_label(row)} | {wall['xentkit_s']:.2f} s | {wall['floor_s']:.2f} s | "
             f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | "
             f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} |"
         )
@@ -112,7 +127,7 @@ def plot(data: dict, path: Path) -> Path:
         ax.bar(x, y, width=0.4, yerr=[low, high], capsize=3, label=f"{clock} time")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.axhline(1.05, color="tab:red", linestyle=":", linewidth=1, label="1.05× (goal)")
-    ax.set_xticks(range(len(rows)), [row["case"] for row in rows], rotation=20, fontsize=8)
+    ax.set_xticks(range(len(rows)), [_label(row) for row in rows], rotation=20, fontsize=8)
     ax.set(ylabel="xentkit / floor (3 GEMMs)", title="linear_cross_entropy, paired rounds")
     ax.legend(fontsize=8)
     fig.suptitle(describe(data["machine"]), fontsize=8)
@@ -122,12 +137,23 @@ def plot(data: dict, path: Path) -> Path:
     return path
 
 
+def _chunk_sizes(text: str) -> list[int | None]:
+    """``auto,1024`` -> ``[None, 1024]``."""
+    return [None if part == "auto" else int(part) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_paired")
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
     p.add_argument("--shapes", type=_shapes, help="comma-separated NxDxV")
     p.add_argument("--rounds", type=int, default=5, help="paired rounds per shape")
+    p.add_argument(
+        "--chunk-sizes",
+        type=_chunk_sizes,
+        default=[None],
+        help="comma-separated tokens per chunk of xentkit's rows, 'auto' for the default",
+    )
     args = p.parse_args(arguments)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     rounds = 2 if args.quick else args.rounds
@@ -140,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     for shape in shapes:
-        data["rows"].append(measure(shape, rounds))
-        wall = data["rows"][-1]["wall"]
-        print(f"{data['rows'][-1]['case']}: {wall['ratio']:.3f}x the floor (wall)", flush=True)
+        for row in measure(shape, rounds, args.chunk_sizes):
+            data["rows"].append(row)
+            print(f"{_label(row)}: {row['wall']['ratio']:.3f}x the floor (wall)", flush=True)
     write_section(out, data, plot, markdown, remake_report=not args.quick)
     return 0
 

@@ -305,11 +305,18 @@ def test_paired_quick_run(tmp_path, monkeypatch):
     from benchmarks import bench_paired
 
     monkeypatch.setattr(bench_paired, "QUICK_OUT", tmp_path)
-    assert bench_paired.main(["--quick"]) == 0
+    assert bench_paired.main(["--quick", "--chunk-sizes", "auto,16"]) == 0
     data = json.loads((tmp_path / "paired.json").read_text())
-    assert [row["case"] for row in data["rows"]] == ["N=64 D=32 V=256", "N=37 D=24 V=1000"]
+    cases = [(row["case"], row["chunk_size"]) for row in data["rows"]]
+    assert cases == [
+        ("N=64 D=32 V=256", "auto"),
+        ("N=64 D=32 V=256", 16),
+        ("N=37 D=24 V=1000", "auto"),
+        ("N=37 D=24 V=1000", 16),
+    ]
     for row in data["rows"]:
         for clock in ("wall", "cpu"):
             assert row[clock]["p20"] <= row[clock]["ratio"] <= row[clock]["p80"]
     assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
-    assert "× floor (wall)" in (tmp_path / "paired.md").read_text()
+    text = (tmp_path / "paired.md").read_text()
+    assert "× floor (wall)" in text and "| N=37 D=24 V=1000 chunk=16 |" in text
