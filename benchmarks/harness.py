@@ -12,7 +12,8 @@ The timing protocol of :func:`measure`:
 
 1. build the inputs (seeded), then time a first call, forward + backward, which includes any
    compilation (``first_call_s``);
-2. a warm-up call whose peak resident memory over the inputs is measured (``peak_mib``), then
+2. a warm-up call whose peak resident memory over the inputs is measured (``peak_mib``; the
+   workspace xentkit keeps between calls is freed first, so that this peak counts it), then
    ``warmup - 1`` more warm-up calls;
 3. ``repeats`` timed calls, summarized by their median, 20th and 80th percentiles.
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+import xentkit
 from benchmarks import memory
 from xentkit.functional import resolve_backend
 
@@ -207,6 +209,7 @@ def measure(bench: Bench, repeats: int, warmup: int, single_shot: bool = False) 
             "first_call_s": round(first, 3),
             "peak_mib": _mib(first_peak.extra),
         }
+    xentkit.empty_cache()  # memory held between calls is the step's too
     with memory.measure_peak() as peak:
         _timed(bench.step)
     for _ in range(warmup - 1):
