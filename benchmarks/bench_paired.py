@@ -11,11 +11,16 @@ Reported per shape: the median ratio over the rounds and its spread (p20-p80), o
 and of the process's CPU time, with both medians in seconds.
 
 ``--chunk-sizes auto,1024,...`` adds xentkit with those tokens per chunk to the same rounds
-(one row each; ``auto`` is the default choice), to measure what the chunk size trades.
+(one row each; ``auto`` is the default choice), to measure what the chunk size trades;
+``--providers torch,torch.compile,cce`` adds the peers, each row then also giving the median
+per-round ratio of xentkit's time to the peer's (one process holds every provider's inputs,
+so a peer that runs out of memory ends the run: pick shapes that fit).
 
-``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R] [--chunk-sizes ...]``
-writes ``benchmarks/results/paired.{json,png,md}`` (the markdown goes into RESULTS.md as it
-is); ``--quick`` runs tiny shapes into ``benchmarks/results-quick`` instead.
+``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R] [--chunk-sizes ...]
+[--providers ...]``
+writes ``benchmarks/results/paired.{json,png,md}`` (``paired_peers.*`` with ``--providers``;
+the markdown goes into RESULTS.md as it is); ``--quick`` runs tiny shapes into
+``benchmarks/results-quick`` instead.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_linear_cross_entropy as linear
-from benchmarks.harness import Shape
+from benchmarks.harness import Shape, Skip
 from benchmarks.machine import describe, machine_info
 from benchmarks.run import DEFAULT_OUT, QUICK_OUT, _shapes, write_section
 
@@ -46,13 +51,19 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), cuts[1], cuts[7]
 
 
-def measure(shape: Shape, rounds: int, chunk_sizes: list[int | None]) -> list[dict]:
-    """``rounds`` turns of xentkit (once per chunk size) then the floor, after one warm-up
-    turn: one row of per-round ratios per chunk size."""
-    steps = {
-        k: linear.build("xentkit", shape, torch.float32, "inductor", chunk).step
-        for k, chunk in enumerate(chunk_sizes)
-    }
+def measure(
+    shape: Shape, rounds: int, chunk_sizes: list[int | None], peers: list[str]
+) -> list[dict]:
+    """``rounds`` turns of xentkit (once per chunk size), each peer, then the floor, after one
+    warm-up turn: one row of per-round ratios to the floor per step; a peer's row also has
+    the per-round ratio of xentkit (its first chunk size) to it."""
+    variants = [("xentkit", chunk) for chunk in chunk_sizes] + [(peer, None) for peer in peers]
+    steps = {}
+    for k, (provider, chunk) in enumerate(variants):
+        try:
+            steps[k] = linear.build(provider, shape, torch.float32, "inductor", chunk).step
+        except Skip as why:
+            print(f"{provider} left out: {why}", flush=True)
     steps["floor"] = linear.build("floor", shape, torch.float32, "inductor").step
     wall: dict = {name: [] for name in steps}
     cpu: dict = {name: [] for name in steps}
@@ -64,27 +75,36 @@ def measure(shape: Shape, rounds: int, chunk_sizes: list[int | None]) -> list[di
                 wall[name].append(time.perf_counter() - start_wall)
                 cpu[name].append(time.process_time() - start_cpu)
     rows = []
-    for k, chunk in enumerate(chunk_sizes):
+    for k, (provider, chunk) in enumerate(variants):
+        if k not in steps:
+            continue
         row = {"case": linear.case_label(shape), "n": shape.n, "d": shape.d, "v": shape.v}
+        row["provider"] = provider
         row["chunk_size"] = "auto" if chunk is None else chunk
         for clock, times in (("wall", wall), ("cpu", cpu)):
-            ratios = [x / f for x, f in zip(times[k], times["floor"], strict=True)]
-            median, p20, p80 = _quantiles(ratios)
+            median, p20, p80 = _quantiles(_ratios(times[k], times["floor"]))
             row[clock] = {
                 "ratio": median,
                 "p20": p20,
                 "p80": p80,
-                "xentkit_s": statistics.median(times[k]),
+                "time_s": statistics.median(times[k]),
                 "floor_s": statistics.median(times["floor"]),
             }
+            if provider != "xentkit":
+                row[clock]["xentkit_ratio"] = statistics.median(_ratios(times[0], times[k]))
         rows.append(row)
     return rows
 
 
+def _ratios(times: list[float], base: list[float]) -> list[float]:
+    return [x / b for x, b in zip(times, base, strict=True)]
+
+
 def _label(row: dict) -> str:
-    """The case, with its chunk size unless automatic."""
+    """The case and provider, with xentkit's chunk size unless automatic."""
     chunk = row.get("chunk_size", "auto")
-    return row["case"] if chunk == "auto" else f"{row['case']} chunk={chunk}"
+    label = f"{row['case']} {row.get('provider', 'xentkit')}"
+    return label if chunk == "auto" else f"{label} chunk={chunk}"
 
 
 def markdown(data: dict, image: str) -> str:
@@ -94,18 +114,21 @@ def markdown(data: dict, image: str) -> str:
         f"- command: `{data['command']}`",
         f"- machine: {describe(data['machine'])}",
         f"- floor: {linear.FLOOR_TEXT}",
-        f"- {data['rounds']} rounds per shape after a warm-up, xentkit and the floor taking "
-        "turns; the ratio is the median of the per-round ratios (p20–p80 beside it)",
+        f"- {data['rounds']} rounds per shape after a warm-up, xentkit, its peers and the "
+        "floor taking turns in one process; each ratio is the median of the per-round ratios "
+        "(p20–p80 beside it); a peer's last column is xentkit's time over the peer's",
         "",
-        "| case | xentkit | floor | × floor (wall) | p20–p80 | × floor (CPU time) | p20–p80 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| case | time | floor | × floor (wall) | p20–p80 | × floor (CPU time) | p20–p80 "
+        "| xentkit ÷ this (wall) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in data["rows"]:
         wall, cpu = row["wall"], row["cpu"]
+        versus = f"{wall['xentkit_ratio']:.3f}×" if "xentkit_ratio" in wall else "—"
         lines.append(
-            f"| {_label(row)} | {wall['xentkit_s']:.2f} s | {wall['floor_s']:.2f} s | "
+            f"| {_label(row)} | {wall['time_s']:.2f} s | {wall['floor_s']:.2f} s | "
             f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | "
-            f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} |"
+            f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} | {versus} |"
         )
     lines += ["", f"![paired ratios]({image})"]
     return "\n".join(lines)
@@ -149,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", type=_shapes, help="comma-separated NxDxV")
     p.add_argument("--rounds", type=int, default=5, help="paired rounds per shape")
     p.add_argument(
+        "--providers",
+        type=lambda text: text.split(","),
+        default=[],
+        help="comma-separated peers to add to the rounds: torch, torch.compile, cce",
+    )
+    p.add_argument(
         "--chunk-sizes",
         type=_chunk_sizes,
         default=[None],
@@ -159,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 2 if args.quick else args.rounds
     out = QUICK_OUT if args.quick else DEFAULT_OUT
     data = {
-        "suite": "paired",
+        "suite": "paired_peers" if args.providers else "paired",
         "command": shlex.join(["python", "-m", "benchmarks.bench_paired", *arguments]),
         "machine": machine_info(),
         "rounds": rounds,
         "rows": [],
     }
     for shape in shapes:
-        for row in measure(shape, rounds, args.chunk_sizes):
+        for row in measure(shape, rounds, args.chunk_sizes, args.providers):
             data["rows"].append(row)
             print(f"{_label(row)}: {row['wall']['ratio']:.3f}x the floor (wall)", flush=True)
     write_section(out, data, plot, markdown, remake_report=not args.quick)

@@ -26,9 +26,9 @@ SUITE_ORDER = (
 # RESULTS.md takes as they are under this header.
 GPU_MARKDOWN = "gpu.md"
 # Sections the standalone runners write as markdown: benchmarks/bench_paired.py (linear cross
-# entropy against its floor in alternation) and benchmarks/bench_grad_filter.py (gradient
-# filtering on the trained tiny LM).
-MARKDOWN_SECTIONS = ("paired.md", "grad_filter.md")
+# entropy against its floor in alternation; with --providers, its peers too) and
+# benchmarks/bench_grad_filter.py (gradient filtering on the trained tiny LM).
+MARKDOWN_SECTIONS = ("paired.md", "paired_peers.md", "grad_filter.md")
 GPU_HEADER = (
     "## GPU (CUDA): xentkit against torch, torch.compile, Liger Kernel and Cut Cross-Entropy"
 )

@@ -319,4 +319,11 @@ def test_paired_quick_run(tmp_path, monkeypatch):
             assert row[clock]["p20"] <= row[clock]["ratio"] <= row[clock]["p80"]
     assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "paired.md").read_text()
-    assert "× floor (wall)" in text and "| N=37 D=24 V=1000 chunk=16 |" in text
+    assert "× floor (wall)" in text and "| N=37 D=24 V=1000 xentkit chunk=16 |" in text
+    # with a peer: its own files, and xentkit's time over the peer's in each peer row
+    assert bench_paired.main(["--quick", "--providers", "torch"]) == 0
+    data = json.loads((tmp_path / "paired_peers.json").read_text())
+    assert [row["provider"] for row in data["rows"]] == ["xentkit", "torch"] * 2
+    assert all(
+        ("xentkit_ratio" in row["wall"]) == (row["provider"] == "torch") for row in data["rows"]
+    )
