@@ -102,9 +102,8 @@ def _ratios(times: list[float], base: list[float]) -> list[float]:
 
 def _label(row: dict) -> str:
     """The case and provider, with xentkit's chunk size unless automatic."""
-    chunk = row.get("chunk_size", "auto")
-    label = f"{row['case']} {row.get('provider', 'xentkit')}"
-    return label if chunk == "auto" else f"{label} chunk={chunk}"
+    label = f"{row['case']} {row['provider']}"
+    return label if row["chunk_size"] == "auto" else f"{label} chunk={row['chunk_size']}"
 
 
 def markdown(data: dict, image: str) -> str:

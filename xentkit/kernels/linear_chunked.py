@@ -145,7 +145,9 @@ class Problem:
             )
             # As many chunks as that size needs, of equal size: no short last chunk, whose
             # small matrix products would run far below the others' speed.
-            rows = -(-self.count // -(-self.count // rows)) if self.count else rows
+            if self.count:
+                chunks = -(-self.count // rows)
+                rows = -(-self.count // chunks)
         else:
             rows = chunk_size
         self.rows = max(1, min(rows, self.count))
