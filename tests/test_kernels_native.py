@@ -7,6 +7,10 @@ The option space at small sizes runs in tests/test_kernels_chunked.py (mode "nat
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,11 @@ def reference_rows(logits, target, weight, smooth, p, t, e, z):
     scale=st.sampled_from([1.0, 30.0]),
 )
 def test_rows_match_the_float64_reference(m, v, dtype, weighted, smooth, z, out, scale):
+    check_rows(m, v, dtype, weighted, smooth, z, out, scale)
+
+
+def check_rows(m, v, dtype, weighted, smooth, z, out, scale):
+    """native.fused_rows on random rows against reference_rows."""
     gen = torch.Generator().manual_seed(m * 7919 + v)
     logits = (torch.randn(m, v, generator=gen) * scale).to(dtype)
     target = torch.randint(0, v, (m,), generator=gen)
@@ -78,6 +87,51 @@ def test_rows_match_the_float64_reference(m, v, dtype, weighted, smooth, z, out,
     # float32: within a few units in the last place; bfloat16: rounded once, like PyTorch
     rtol, atol = (2e-6, 1e-7) if dtype == torch.float32 else (4e-3, 1e-4)
     torch.testing.assert_close(dest.double(), expected[3], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out", ["none", "inplace"])
+def test_blocks_far_over_or_under_the_maximum_so_far(dtype, out):
+    """Each block is shifted by the row's maximum so far: rows whose maximum climbs by more
+    than the kernel's AHEAD (32) from block to block, falls from it by far more than exp's
+    range, starts with blocks all -inf, or is -inf but for one logit in its last block."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(5, 4100, generator=gen)
+    logits[0] += torch.arange(4100) // 1024 * 40.0  # every block redone, shifted by its own
+    logits[1, 1024:] -= 1000.0  # blocks whose exponentials underflow to 0
+    logits[2, :2048] = float("-inf")  # a first finite maximum in the third block
+    logits[3, :] = float("-inf")
+    logits[3, 4099] = -500.0
+    logits[4, 2048:] += 31.0  # just under AHEAD: shifted by the maximum so far
+    logits = logits.to(dtype)
+    target = torch.tensor([4000, 5, 3000, 4099, 2100])
+    p, t = torch.rand(5, generator=gen), torch.rand(5, generator=gen)
+    expected = reference_rows(logits, target, None, False, p, t, None, None)
+    given = logits.clone()
+    row_max, sum_exp, _ = native.fused_rows(
+        given, target, None, False, p, t, None, None, given if out == "inplace" else None
+    )
+    torch.testing.assert_close(row_max.double(), expected[0])
+    torch.testing.assert_close(sum_exp.double(), expected[1], rtol=2e-6, atol=0)
+    if out == "inplace":
+        rtol, atol = (2e-6, 1e-7) if dtype == torch.float32 else (4e-3, 1e-4)
+        torch.testing.assert_close(given.double(), expected[3], rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="builds without AVX-512 on x86")
+def test_the_portable_code_as_built_for_cpus_without_avx512(tmp_path, monkeypatch):
+    """The generic-vector steps that AVX-512 builds replace by the CPU's own instructions."""
+    monkeypatch.setenv("XENTKIT_CACHE_DIR", str(tmp_path))
+    flags = (*native.FLAGS, "-mno-avx512f")
+    portable = ctypes.CDLL(str(native._build(native._compiler(), flags)))
+    portable.xentkit_rows.restype = None
+    monkeypatch.setattr(native, "_library", portable)
+    for m, v, dtype, out in itertools.product(
+        (3,), (17, 1025, 2500), (torch.float32, torch.bfloat16), ("none", "buffer", "inplace")
+    ):
+        check_rows(m, v, dtype, v > 1000, v > 1000, True, out, 30.0)
+    test_blocks_far_over_or_under_the_maximum_so_far(torch.bfloat16, "inplace")
+    test_special_values_as_torch()
 
 
 def test_special_values_as_torch():

@@ -1,9 +1,10 @@
 /* The row passes of fused cross entropy over (m, V) logits on the CPU, with one exponential
  * per logit. xentkit/kernels/native.py compiles this file on first use and calls it.
  *
- * A row is walked in blocks of BLOCK classes small enough for the L1 cache: each block's
- * maximum b, then e_j = exp(x_j - b), stored (in the gradient's place for float32, else in a
- * row of float32 scratch), and summed. With the row's maximum s, the sum of exponentials is
+ * A row is walked in blocks of BLOCK classes small enough for the L1 cache: each block gets a
+ * shift b, the row's maximum so far (see one_row), and in one pass e_j = exp(x_j - b) is
+ * stored (in the gradient's place for float32, else in a row of float32 scratch) and summed
+ * while the block's maximum is found. With the row's maximum s, the sum of exponentials is
  * S = sum over blocks of exp(b - s) * (sum of the block's e), and the gradient of
  * xentkit.kernels.chunked._fused_rows,
  *
@@ -11,15 +12,31 @@
  *
  * is each stored e_j times its block's exp(b - s) (P + Z lse) / S, less the target and
  * smoothing terms: one exponential per logit instead of two, each row read from memory once.
- * An infinite maximum (all -inf) shifts by 0, and NaN propagates, as in _fused_rows.
+ * An infinite maximum (all -inf) shifts by 0, and NaN propagates, as in _fused_rows: a block's
+ * maximum may skip a NaN, whose exponential reads as 0, so the exponential pass also sums the
+ * x_j - b, NaN exactly when some x_j is (for a finite b), and such a block's maximum becomes
+ * NaN.
+ *
+ * Written in GCC's generic vectors; where the compiler targets AVX-512, three steps that it
+ * would otherwise split into many instructions use one or two of the CPU's own: widening
+ * bfloat16 to float32, the maximum, and (with AVX512-BF16) rounding float32 to bfloat16, which
+ * flushes results under 2^-126 to zero where the generic rounding keeps them subnormal.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define AVX512 1
+#endif
+
 #define LANES 16
 #define BLOCK 1024
+/* How far a block's maximum may lie over its shift: its exponentials stay under e^32 and the
+ * factor exp(shift - s) that later scales them above e^-32, far from overflow and underflow. */
+#define AHEAD 32.0f
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
@@ -31,7 +48,14 @@ static inline vf splat(float a) { return a - (vf){0}; }
 static inline vf pick(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 /* NaN-propagating maximum, as torch.amax. */
 static inline float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-static inline vf vmax(vf a, vf b) { return pick((a > b) | (a != a), a, b); }
+/* The maximum of two vectors, either one where a lane holds NaN. */
+static inline vf vmax(vf a, vf b) {
+#ifdef AVX512
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return pick(a > b, a, b);
+#endif
+}
 
 /* exp(d) for d <= 0 or -inf (d = x - shift; NaN and +inf rows are set to NaN by the caller):
  * 2^n p(r) with n = round(d / ln 2), r = d - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
@@ -74,7 +98,12 @@ static inline vf load(const void *p, int bf16, int64_t j, int64_t n, float pad) 
         uint16_t tmp[LANES] = {0};
         vh h;
         if (n == LANES) {
+#ifdef AVX512
+            const __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + j));
+            return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+#else
             memcpy(&h, (const uint16_t *)p + j, sizeof h);
+#endif
         } else {
             memcpy(tmp, (const uint16_t *)p + j, n * sizeof(uint16_t));
             memcpy(&h, tmp, sizeof h);
@@ -92,9 +121,15 @@ static inline vf load(const void *p, int bf16, int64_t j, int64_t n, float pad) 
 /* The first n lanes of v into p[j...], as float32 or bfloat16 (nearest even; NaN stays NaN). */
 static inline void store(void *p, int bf16, int64_t j, int64_t n, vf v) {
     if (bf16) {
+        vh h;
+#ifdef __AVX512BF16__
+        const __m256bh rounded = _mm512_cvtneps_pbh((__m512)v);
+        memcpy(&h, &rounded, sizeof h);
+#else
         vi bits = (vi)v, nan = v != v;
         vi rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 & ~nan) | ((bits >> 16 | 0x40) & nan);
-        vh h = __builtin_convertvector(rounded, vh);
+        h = __builtin_convertvector(rounded, vh);
+#endif
         if (n == LANES)
             memcpy((uint16_t *)p + j, &h, sizeof h);
         else
@@ -116,15 +151,29 @@ INLINE void max_step(const int bf16, const char *row, int64_t j, int64_t n, vf *
     *top = vmax(*top, load(row, bf16, j, n, -INFINITY));
 }
 
-/* e = exp(x - shift) into exps (when has_out) and its sum; with smooth, the sums of
+/* The maximum of the block [lo, hi) of a row, or of some of its lanes where one holds NaN. */
+INLINE float max_pass(const int bf16, const char *row, int64_t lo, int64_t hi) {
+    vf top[4] = {splat(-INFINITY), splat(-INFINITY), splat(-INFINITY), splat(-INFINITY)};
+    int64_t j = lo;
+    for (; j + 4 * LANES <= hi; j += 4 * LANES)
+        for (int q = 0; q < 4; q++) max_step(bf16, row, j + q * LANES, LANES, &top[q]);
+    for (; j + LANES <= hi; j += LANES) max_step(bf16, row, j, LANES, &top[0]);
+    if (j < hi) max_step(bf16, row, j, hi - j, &top[0]);
+    return hmax(vmax(vmax(top[0], top[1]), vmax(top[2], top[3])));
+}
+
+/* e = exp(x - shift) into exps (when has_out), its sum, the running maximum of x and the sum
+ * of x - shift (NaN exactly when an x is NaN, for a finite shift); with smooth, the sums of
  * w (x - shift) and of w over the real lanes. */
 INLINE void exp_step(const int bf16, const int smooth, const int has_out, const char *row,
                      float *exps, const float *weight, int64_t j, int64_t n, float shift,
-                     vf *esum, vf *wsum, vf *wtotal) {
-    const vf d = load(row, bf16, j, n, -INFINITY) - splat(shift), e = vexp(d);
+                     vf *top, vf *esum, vf *dsum, vf *wsum, vf *wtotal) {
+    const vf x = load(row, bf16, j, n, -INFINITY), d = x - splat(shift), e = vexp(d);
     /* the next block streams in from memory while this one is computed */
     __builtin_prefetch(row + (j + BLOCK) * (bf16 ? 2 : 4));
+    *top = vmax(*top, x);
     *esum += e;
+    *dsum += d;
     if (has_out) store(exps, 0, j, n, e);
     if (smooth) {
         const vi real = LANE < (int32_t)n;
@@ -132,6 +181,26 @@ INLINE void exp_step(const int bf16, const int smooth, const int has_out, const 
         *wsum += pick(real, w * d, splat(0.0f));
         *wtotal += pick(real, w, splat(0.0f));
     }
+}
+
+/* Block b = [lo, hi) of a row shifted by shift: its exponentials (exp_step) and, at b in sums,
+ * wsums and wtotals, their sums. Returns the block's maximum, NaN where a logit is NaN. */
+INLINE float exp_pass(const int bf16, const int smooth, const int has_out, const char *row,
+                      float *exps, const float *weight, int64_t lo, int64_t hi, float shift,
+                      int64_t b, float *sums, float *wsums, float *wtotals) {
+    vf top = splat(-INFINITY), esum = splat(0.0f), dsum = esum, wsum = esum, wtotal = esum;
+    int64_t j = lo;
+    for (; j + LANES <= hi; j += LANES)
+        exp_step(bf16, smooth, has_out, row, exps, weight, j, LANES, shift, &top, &esum, &dsum,
+                 &wsum, &wtotal);
+    if (j < hi)
+        exp_step(bf16, smooth, has_out, row, exps, weight, j, hi - j, shift, &top, &esum,
+                 &dsum, &wsum, &wtotal);
+    sums[b] = hsum(esum);
+    wsums[b] = hsum(wsum);
+    wtotals[b] = hsum(wtotal);
+    const float block_max = hmax(top), dtotal = hsum(dsum);
+    return dtotal != dtotal && shift < INFINITY && block_max < INFINITY ? NAN : block_max;
 }
 
 /* g = e k - E w_j - T [j = t], rounded once into the gradient's dtype. */
@@ -160,25 +229,25 @@ INLINE void one_row(const int bf16, const int smooth, const int has_out, int64_t
     float s = -INFINITY;
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t lo = b * BLOCK, hi = lo + BLOCK < v ? lo + BLOCK : v;
-        vf top[4] = {splat(-INFINITY), splat(-INFINITY), splat(-INFINITY), splat(-INFINITY)};
-        int64_t j = lo;
-        for (; j + 4 * LANES <= hi; j += 4 * LANES)
-            for (int q = 0; q < 4; q++) max_step(bf16, row, j + q * LANES, LANES, &top[q]);
-        for (; j + LANES <= hi; j += LANES) max_step(bf16, row, j, LANES, &top[0]);
-        if (j < hi) max_step(bf16, row, j, hi - j, &top[0]);
-        const float block_max = hmax(vmax(vmax(top[0], top[1]), vmax(top[2], top[3])));
-        const float shift = block_max == -INFINITY ? 0.0f : block_max;
-        vf esum = splat(0.0f), wsum = esum, wtotal = esum;
-        for (j = lo; j + LANES <= hi; j += LANES)
-            exp_step(bf16, smooth, has_out, row, exps, weight, j, LANES, shift, &esum, &wsum,
-                     &wtotal);
-        if (j < hi)
-            exp_step(bf16, smooth, has_out, row, exps, weight, j, hi - j, shift, &esum, &wsum,
-                     &wtotal);
+        /* A block is shifted by the row's maximum so far, a logit of the row: exponentials of
+         * the block's logits far below it are negligible in the row's sum, and one over it by
+         * more than AHEAD has the block computed again, shifted by the block's maximum. Until
+         * a finite maximum is known (the first block, or one after blocks all -inf), and where
+         * the exponentials overwrite the logits (float32 in place: the block could not be
+         * computed again), a pass of its own finds the block's maximum first. */
+        float shift = s;
+        if (s == -INFINITY || (const char *)exps == row) {
+            shift = max_pass(bf16, row, lo, hi);
+            if (shift == -INFINITY) shift = 0.0f;
+        }
+        float block_max = exp_pass(bf16, smooth, has_out, row, exps, weight, lo, hi, shift, b,
+                                   sums, wsums, wtotals);
+        if (block_max > shift + AHEAD && block_max < INFINITY) {
+            shift = block_max;
+            block_max = exp_pass(bf16, smooth, has_out, row, exps, weight, lo, hi, shift, b,
+                                 sums, wsums, wtotals);
+        }
         shifts[b] = shift;
-        sums[b] = hsum(esum);
-        wsums[b] = hsum(wsum);
-        wtotals[b] = hsum(wtotal);
         s = max_nan(s, block_max);
     }
     const float shift = s == -INFINITY ? 0.0f : s;

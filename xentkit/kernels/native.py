@@ -83,12 +83,12 @@ def _compiler() -> str:
     return compiler
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...] = FLAGS) -> Path:
     """The shared library's path, compiled there first unless a build of this very source,
-    compiler and CPU is cached."""
+    compiler, flags and CPU is cached."""
     cache = Path(os.environ.get("XENTKIT_CACHE_DIR", Path.home() / ".cache" / "xentkit"))
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join((compiler, *FLAGS, _cpu_flags())).encode()
+        SOURCE.read_bytes() + " ".join((compiler, *flags, _cpu_flags())).encode()
     ).hexdigest()[:20]
     path = cache / f"rows-{key}.so"
     if path.exists():
@@ -99,7 +99,7 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         built = Path(tmp) / path.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+            [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             text=True,
