@@ -206,12 +206,12 @@ def test_row_kernel_by_device(monkeypatch):
 
 def test_cuda_chunks_are_sized_for_the_matrix_products():
     """On CUDA a chunk is about CUDA_CHUNK_BYTES of logits, whatever the hidden size; on the CPU
-    about CHUNK_BYTES of logits, hidden rows and their gradient, and at least min(D, 1024)
+    about CHUNK_BYTES of logits, hidden rows and their gradient, and at least MIN_CHUNK_ROWS
     rows."""
     bf16 = torch.bfloat16
     assert linear_chunked.auto_chunk_size(128256, 4096, bf16, "cuda") == 4096
     assert linear_chunked.auto_chunk_size(256000, 4096, bf16, "cuda") == 2048
     assert linear_chunked.auto_chunk_size(2**22, 4096, torch.float32, "cuda") == 1024
-    assert linear_chunked.auto_chunk_size(128256, 4096, bf16) == 1024  # CPU: D_CHUNK_ROWS
-    assert linear_chunked.auto_chunk_size(128256, 768, bf16) == 768  # D
-    assert linear_chunked.auto_chunk_size(128256, 256, bf16) == 512  # MIN_CHUNK_ROWS
+    assert linear_chunked.auto_chunk_size(128256, 4096, bf16) == 1024  # CPU: MIN_CHUNK_ROWS
+    assert linear_chunked.auto_chunk_size(128256, 256, bf16) == 1024
+    assert linear_chunked.auto_chunk_size(8192, 256, bf16) == 7680  # CHUNK_BYTES

@@ -52,22 +52,20 @@ from xentkit.kernels._fused_op import graph_is_kept
 from xentkit.kernels.chunked import loss_and_grad
 
 # About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk
-# on the CPU, at least MIN_CHUNK_ROWS rows and at least D of them up to D_CHUNK_ROWS. Each
-# chunk's two products with the weight read all of it (MKL packs it again for each product),
-# so that traffic per chunk is fixed while the chunk's flops, 6 m V D, grow with its m rows;
-# once the weight no longer fits in the last-level cache it comes from memory. At N=2048,
-# D=4096, V=32768 on the project's 2-core machine `python -m benchmarks.bench_paired --shapes
-# 2048x4096x32768 --rounds 5 --chunk-sizes 683,2048,1024,auto` measured 1.16x the three whole
-# products with 683-row chunks, 1.09x with one 2048-row chunk, 1.05x and 1.10x with 1024 rows
-# (given and automatic: the same chunks, so about this machine's noise). A 1024-row chunk there
-# is 128 MiB, which stays in its 260 MiB L3 for the row pass and the gradient products. At
-# D=512, 128 MiB is about 1000 rows at V = 32768; the 512-row minimum kept short chunks off the
-# logits product at larger V (1.42x the three products with 256 rows, 1.28x with 512 at
-# N=2048, D=1024, V=128256, an earlier session). One such buffer is used (the gradient
+# on the CPU, and at least MIN_CHUNK_ROWS rows. Each chunk's matrix products run below the
+# speed of the whole ones: the two with the weight read all of it and MKL packs it again for
+# each, while a chunk's flops, 6 m V D, grow with its m rows. At N=2048, D=512, V=32768 on the
+# project's 2-core VM, the logits product took 9% longer in 683-row chunks than in one and 4%
+# longer in 1024-row ones (`g @ W`: 6% and 5%; `g.T @ h`: no change). In `python -m
+# benchmarks.bench_paired --shapes 2048x512x32768,2048x512x128256,2048x512x256000,8192x512x32768
+# --rounds 3 --chunk-sizes auto,1024,2048` (run at 0671813, when the minimum was 512 rows and
+# D up to 1024), 1024-row chunks took 1.07x, 1.06x, 1.05x and 1.01x the three whole products
+# against 1.07x, 1.14x, 1.12x and 1.05x for the 512 to 683 rows chosen then; one 2048-row chunk
+# 1.04x, 1.04x, 1.10x. So the minimum is 1024 rows: 1000 MiB of float32 logits at V = 256000,
+# half of what torch's N=2048 logits and gradient take. One such buffer is used (the gradient
 # overwrites the logits), whatever the number of tokens.
 CHUNK_BYTES = 128 * 2**20
-MIN_CHUNK_ROWS = 512
-D_CHUNK_ROWS = 1024
+MIN_CHUNK_ROWS = 1024
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
 # writes the float32 (V, D) weight-gradient accumulator (about 12 bytes per entry with the
 # half-precision partial product) while doing 6 m V D flops, which at ~700 TFLOP/s and
@@ -90,15 +88,16 @@ def auto_chunk_size(
     """Tokens per chunk: about :data:`CHUNK_BYTES` of logits, hidden rows and their gradient.
 
     A chunk holds ``m (V + 2 D)`` elements (logits, gathered hidden rows, their gradient); the
-    row count is a multiple of 32, at least :data:`MIN_CHUNK_ROWS` and at least ``D`` up to
-    :data:`D_CHUNK_ROWS` (so that each chunk's products do enough work per read of the
-    weight). On CUDA (``device_type="cuda"``)
+    row count is a multiple of 32 and at least :data:`MIN_CHUNK_ROWS` (so that each chunk's
+    products do enough work per read of the weight). On CUDA (``device_type="cuda"``)
     about :data:`CUDA_CHUNK_BYTES` of logits, a multiple of 256 rows, at least
     :data:`CUDA_MIN_CHUNK_ROWS`.
 
     Example:
         >>> auto_chunk_size(32768, 512, torch.float32)
-        992
+        1024
+        >>> auto_chunk_size(8192, 512, torch.float32)
+        3616
         >>> auto_chunk_size(128256, 4096, torch.bfloat16)
         1024
         >>> auto_chunk_size(128256, 4096, torch.bfloat16, "cuda")
@@ -108,8 +107,7 @@ def auto_chunk_size(
         row_bytes = num_classes * torch.finfo(dtype).bits // 8
         return max(CUDA_MIN_CHUNK_ROWS, CUDA_CHUNK_BYTES // row_bytes // 256 * 256)
     row_bytes = (num_classes + 2 * hidden_dim) * torch.finfo(dtype).bits // 8
-    least = max(MIN_CHUNK_ROWS, min(-(-hidden_dim // 32) * 32, D_CHUNK_ROWS))
-    return max(least, CHUNK_BYTES // row_bytes // 32 * 32)
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes // 32 * 32)
 
 
 class Problem:
