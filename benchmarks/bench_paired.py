@@ -16,11 +16,16 @@ and of the process's CPU time, with both medians in seconds.
 per-round ratio of xentkit's time to the peer's (one process holds every provider's inputs,
 so a peer that runs out of memory ends the run: pick shapes that fit).
 
+``--parts`` adds, instead, where xentkit's time over the floor goes, each part a step of its
+own in the same rounds (:data:`PARTS`): the three products in xentkit's automatic chunks into
+resident buffers, its row pass over those chunks, and the page faults of a fresh float32
+weight gradient. Their ratios to the floor add up to about xentkit's.
+
 ``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R] [--chunk-sizes ...]
-[--providers ...]``
-writes ``benchmarks/results/paired.{json,png,md}`` (``paired_peers.*`` with ``--providers``;
-the markdown goes into RESULTS.md as it is); ``--quick`` runs tiny shapes into
-``benchmarks/results-quick`` instead.
+[--providers ... | --parts]``
+writes ``benchmarks/results/paired.{json,png,md}`` (``paired_peers.*`` with ``--providers``,
+``paired_parts.*`` with ``--parts``; the markdown goes into RESULTS.md as it is);
+``--quick`` runs tiny shapes into ``benchmarks/results-quick`` instead.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,9 +44,55 @@ from benchmarks import bench_linear_cross_entropy as linear
 from benchmarks.harness import Shape, Skip
 from benchmarks.machine import describe, machine_info
 from benchmarks.run import DEFAULT_OUT, QUICK_OUT, _shapes, write_section
+from xentkit.kernels import chunked, linear_chunked
 
 SHAPES = [Shape(2048, d, v) for d in (512, 1024) for v in (32768, 128256, 256000)]
 QUICK_SHAPES = [Shape(64, 32, 256), Shape(37, 24, 1000)]
+
+
+PARTS = {
+    "products in chunks": "the three products in xentkit's automatic chunks, into resident "
+    "buffers (the weight gradient accumulated chunk by chunk)",
+    "row pass": "the row kernel over those chunks, each gradient written over its logits",
+    "weight-gradient page faults": "a fresh float32 V x D tensor, one element per 4 KiB page "
+    "written",
+}
+
+
+def _part(name: str, shape: Shape) -> Callable[[], object]:
+    """The step of one of :data:`PARTS` on random float32 inputs of ``shape``."""
+    h, w = torch.randn(shape.n, shape.d), torch.randn(shape.v, shape.d) / shape.d**0.5
+    target = torch.randint(shape.v, (shape.n,))
+    if name == "weight-gradient page faults":
+        return lambda: torch.empty(shape.v, shape.d).view(-1)[::1024].zero_()
+    problem = linear_chunked.Problem(h, w, target, None, None, -100, 0.0, 0.0, None, None)
+    bounds = [
+        (start, min(start + problem.rows, shape.n)) for start in range(0, shape.n, problem.rows)
+    ]
+    buffer = torch.mm(h[: problem.rows], w.T)  # resident, and real logits for the row pass
+    if name == "row pass":
+
+        def rows() -> None:
+            for start, stop in bounds:
+                logits = buffer[: stop - start]
+                chunked.loss_and_grad(
+                    logits, target[start:stop], None, -100, 0.0, 0.0, None, 1.0, out=logits
+                )
+
+        return rows
+    g = torch.randn(shape.n, shape.v)
+    grad_h, grad_w = torch.zeros(shape.n, shape.d), torch.zeros(shape.v, shape.d)
+
+    def products() -> None:
+        for start, stop in bounds:
+            torch.mm(h[start:stop], w.T, out=buffer[: stop - start])
+            torch.mm(g[start:stop], w, out=grad_h[start:stop])
+            if start == 0:
+                torch.mm(g[start:stop].T, h[start:stop], out=grad_w)
+            else:
+                grad_w.addmm_(g[start:stop].T, h[start:stop])
+
+    return products
 
 
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -54,12 +106,16 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
 def measure(
     shape: Shape, rounds: int, chunk_sizes: list[int | None], peers: list[str]
 ) -> list[dict]:
-    """``rounds`` turns of xentkit (once per chunk size), each peer, then the floor, after one
-    warm-up turn: one row of per-round ratios to the floor per step; a peer's row also has
-    the per-round ratio of xentkit (its first chunk size) to it."""
+    """``rounds`` turns of xentkit (once per chunk size), each peer (or part of
+    :data:`PARTS`), then the floor, after one warm-up turn: one row of per-round ratios to the
+    floor per step; a peer's row also has the per-round ratio of xentkit (its first chunk
+    size) to it."""
     variants = [("xentkit", chunk) for chunk in chunk_sizes] + [(peer, None) for peer in peers]
     steps = {}
     for k, (provider, chunk) in enumerate(variants):
+        if provider in PARTS:
+            steps[k] = _part(provider, shape)
+            continue
         try:
             steps[k] = linear.build(provider, shape, torch.float32, "inductor", chunk).step
         except Skip as why:
@@ -90,7 +146,7 @@ def measure(
                 "time_s": statistics.median(times[k]),
                 "floor_s": statistics.median(times["floor"]),
             }
-            if provider != "xentkit":
+            if provider != "xentkit" and provider not in PARTS:
                 row[clock]["xentkit_ratio"] = statistics.median(_ratios(times[0], times[k]))
         rows.append(row)
     return rows
@@ -116,6 +172,7 @@ def markdown(data: dict, image: str) -> str:
         f"- {data['rounds']} rounds per shape after a warm-up, xentkit, its peers and the "
         "floor taking turns in one process; each ratio is the median of the per-round ratios "
         "(p20–p80 beside it); a peer's last column is xentkit's time over the peer's",
+        *(f"- {name}: {text}" for name, text in PARTS.items() if data.get("parts")),
         "",
         "| case | time | floor | × floor (wall) | p20–p80 | × floor (CPU time) | p20–p80 "
         "| xentkit ÷ this (wall) |",
@@ -177,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated peers to add to the rounds: torch, torch.compile, cce",
     )
     p.add_argument(
+        "--parts",
+        action="store_true",
+        help="add where xentkit's time over the floor goes, each part a step of its own",
+    )
+    p.add_argument(
         "--chunk-sizes",
         type=_chunk_sizes,
         default=[None],
@@ -186,15 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     rounds = 2 if args.quick else args.rounds
     out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if args.parts and args.providers:
+        p.error("--parts and --providers are measured in runs of their own")
+    suite = "paired_parts" if args.parts else "paired_peers" if args.providers else "paired"
     data = {
-        "suite": "paired_peers" if args.providers else "paired",
+        "suite": suite,
         "command": shlex.join(["python", "-m", "benchmarks.bench_paired", *arguments]),
         "machine": machine_info(),
         "rounds": rounds,
+        "parts": args.parts,
         "rows": [],
     }
+    others = list(PARTS) if args.parts else args.providers
     for shape in shapes:
-        for row in measure(shape, rounds, args.chunk_sizes, args.providers):
+        for row in measure(shape, rounds, args.chunk_sizes, others):
             data["rows"].append(row)
             print(f"{_label(row)}: {row['wall']['ratio']:.3f}x the floor (wall)", flush=True)
     write_section(out, data, plot, markdown, remake_report=not args.quick)

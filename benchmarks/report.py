@@ -28,7 +28,7 @@ GPU_MARKDOWN = "gpu.md"
 # Sections the standalone runners write as markdown: benchmarks/bench_paired.py (linear cross
 # entropy against its floor in alternation; with --providers, its peers too) and
 # benchmarks/bench_grad_filter.py (gradient filtering on the trained tiny LM).
-MARKDOWN_SECTIONS = ("paired.md", "paired_peers.md", "grad_filter.md")
+MARKDOWN_SECTIONS = ("paired.md", "paired_peers.md", "paired_parts.md", "grad_filter.md")
 GPU_HEADER = (
     "## GPU (CUDA): xentkit against torch, torch.compile, Liger Kernel and Cut Cross-Entropy"
 )

@@ -327,3 +327,9 @@ def test_paired_quick_run(tmp_path, monkeypatch):
     assert all(
         ("xentkit_ratio" in row["wall"]) == (row["provider"] == "torch") for row in data["rows"]
     )
+    # where xentkit's time goes: each part a step of its own, in a section of its own
+    assert bench_paired.main(["--quick", "--parts"]) == 0
+    data = json.loads((tmp_path / "paired_parts.json").read_text())
+    assert [row["provider"] for row in data["rows"]] == ["xentkit", *bench_paired.PARTS] * 2
+    assert not any("xentkit_ratio" in row["wall"] for row in data["rows"])
+    assert "- row pass: the row kernel" in (tmp_path / "paired_parts.md").read_text()
