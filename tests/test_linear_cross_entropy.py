@@ -352,6 +352,50 @@ def test_workspace_is_lent_to_one_caller_at_a_time():
     assert _memory._WORKSPACE.bytes.numel() >= 100 * 8 * 4
 
 
+def test_cached_empty_reuses_a_mapping_once_its_tensors_are_dead():
+    """The weight gradient's memory: a mapping that outlives its tensor and serves the next one
+    of its size, never while the tensor or a view of it lives."""
+    from xentkit.kernels import _memory
+
+    cpu, shape = torch.device("cpu"), (4096, 2048)  # 32 MiB of float32: cached
+    xentkit.empty_cache()
+    first = _memory.cached_empty(shape, torch.float32, cpu)
+    first.fill_(7.0)
+    address = first.data_ptr()
+    second = _memory.cached_empty(shape, torch.float32, cpu)
+    assert second.data_ptr() != address  # in use
+    view = first[5:6]
+    del first
+    third = _memory.cached_empty(shape, torch.float32, cpu)
+    assert third.data_ptr() != address and bool((view == 7.0).all())  # a view keeps it
+    del view, second, third
+    again = _memory.cached_empty(shape, torch.float32, cpu)
+    assert again.data_ptr() == address and again.shape == shape
+    del again
+    assert _memory.cached_empty((3, 4), torch.float32, cpu).shape == (3, 4)  # small: plain
+    xentkit.empty_cache()
+    assert _memory._CACHE.entries == []
+
+
+def test_weight_gradients_held_by_the_caller_are_never_reused():
+    hidden, weight, _, target = make_inputs(8, 512, 16384, dtype=torch.float32, bias=False)
+    first = torch.autograd.grad(fused(hidden, weight, target), (weight,))[0]
+    kept = first.clone()
+    second = torch.autograd.grad(fused(hidden, weight, target), (weight,))[0]
+    assert second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    torch.testing.assert_close(second, kept, rtol=0, atol=0)
+    address = first.data_ptr()
+    del first
+    third = torch.autograd.grad(fused(hidden, weight, target), (weight,))[0]
+    assert third.data_ptr() == address  # its pages already resident
+    torch.testing.assert_close(third, kept, rtol=0, atol=0)
+    leaf = weight.detach().requires_grad_()
+    for _ in range(2):  # accumulated into .grad, which holds the first step's buffer
+        fused(hidden, leaf, target).backward()
+    torch.testing.assert_close(leaf.grad, 2 * kept)
+
+
 def test_concurrent_calls_from_threads():
     """Two threads in the fused head at once: each gets its own chunk buffer."""
     import threading

@@ -9,7 +9,11 @@ allocator does when ``THP_MEM_ALLOC_ENABLE=1``; it is freed with its tensor like
 The chunk buffer of the fused LM head is needed again by the next step, so on the CPU it is a
 *workspace*: one mapping kept between calls and lent to one call at a time (:func:`workspace`),
 as CUDA's caching allocator keeps its blocks; faulting in and compacting a fresh one cost the
-head more than its row pass. :func:`empty_cache` (``xentkit.empty_cache()``) returns it.
+head more than its row pass. The weight gradient it returns is fresh memory each step, and its
+4 KiB pages faulting in cost up to 7% of the head's time on this project's VM; so it comes
+from :func:`cached_empty`, whose mappings stay (resident) after their tensors die and serve the
+next gradient of the same size, as CUDA's caching allocator reuses a freed block.
+:func:`empty_cache` (``xentkit.empty_cache()``) returns both.
 
 Example:
     >>> large_empty((2, 3), torch.float32, torch.device("cpu")).shape  # small: plain torch
@@ -25,6 +29,7 @@ import contextlib
 import math
 import mmap
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -99,12 +104,55 @@ def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
         _WORKSPACE.give_back()
 
 
+class _Cache:
+    """Mappings of tensors :func:`cached_empty` returned, each with a weak reference to the
+    memoryview the tensor's storage holds: dead once every tensor and view of it is gone."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: list[tuple[mmap.mmap, weakref.ref]] = []
+
+    def view(self, nbytes: int) -> memoryview:
+        """A memoryview of ``nbytes`` bytes no live tensor uses: a cached mapping of that size
+        when one is free, else a new one (free mappings of other sizes are then dropped)."""
+        with self.lock:
+            for k, (memory, used) in enumerate(self.entries):
+                if len(memory) == nbytes and used() is None:
+                    view = memoryview(memory)
+                    self.entries[k] = (memory, weakref.ref(view))
+                    return view
+            self.entries = [entry for entry in self.entries if entry[1]() is not None]
+            memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            view = memoryview(memory)
+            self.entries.append((memory, weakref.ref(view)))
+            return view
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries = [entry for entry in self.entries if entry[1]() is not None]
+
+
+_CACHE = _Cache()
+
+
+def cached_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised contiguous tensor that a caller may keep: on the CPU, when large, in a
+    mapping that outlives it (torch's storage holds a memoryview of it, whose weak reference
+    tells when the storage is gone) and is reused, pages resident, by the next request of the
+    same size once the tensor and all its views are dead."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(_CACHE.view(nbytes), dtype=dtype).view(shape)
+
+
 def empty_cache() -> None:
-    """Free the CPU workspace the fused LM-head kernels keep between calls (one chunk of
-    logits, :data:`xentkit.kernels.linear_chunked.CHUNK_BYTES` by default); the next call maps
-    a new one.
+    """Free what the fused LM-head kernels keep between calls on the CPU: the workspace (one
+    chunk of logits, :data:`xentkit.kernels.linear_chunked.CHUNK_BYTES` by default) and the
+    mappings of weight gradients no tensor uses any more; the next call maps new ones.
 
     Example:
         >>> empty_cache()
     """
     _WORKSPACE.clear()
+    _CACHE.clear()

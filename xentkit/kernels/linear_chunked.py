@@ -205,11 +205,10 @@ def _gradient_buffers(
         alloc = torch.zeros_like if zero_hidden else torch.empty_like
         gh = alloc(hidden, memory_format=torch.contiguous_format)
     if needs[1]:
-        # Uninitialised (:class:`_Gradients` writes the first chunk's product over it) and in
-        # plain pages: a fresh huge-page mapping of this size, first touched by the matrix
-        # product's threads, faulted in far slower in paired runs on this project's VM (the
-        # kernel compacts memory for each huge page).
-        gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
+        # Uninitialised (:class:`_Gradients` writes the first chunk's product over it), in
+        # plain pages kept resident for the next step's (a huge-page mapping, first touched by
+        # the matrix product's threads, ran slower in paired runs on this project's VM).
+        gw = _memory.cached_empty(tuple(weight.shape), acc, weight.device)
     if needs[2]:
         gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
     return gh, gw, gb
