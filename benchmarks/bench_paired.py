@@ -18,8 +18,10 @@ so a peer that runs out of memory ends the run: pick shapes that fit).
 
 ``--parts`` adds, instead, where xentkit's time over the floor goes, each part a step of its
 own in the same rounds (:data:`PARTS`): the three products in xentkit's automatic chunks into
-resident buffers, its row pass over those chunks, and the page faults of a fresh float32
-weight gradient. Their ratios to the floor add up to about xentkit's.
+resident buffers and its row pass over those chunks, whose ratios to the floor add up to about
+xentkit's; and the page faults of a fresh float32 weight gradient, which xentkit would pay on
+top were its gradient's mapping not kept between calls
+(:func:`xentkit.kernels._memory.cached_empty`).
 
 ``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R] [--chunk-sizes ...]
 [--providers ... | --parts]``
@@ -55,7 +57,7 @@ PARTS = {
     "buffers (the weight gradient accumulated chunk by chunk)",
     "row pass": "the row kernel over those chunks, each gradient written over its logits",
     "weight-gradient page faults": "a fresh float32 V x D tensor, one element per 4 KiB page "
-    "written",
+    "written: what a fresh weight gradient costs, which xentkit's kept mapping saves",
 }
 
 
