@@ -33,6 +33,11 @@ def test_the_training_loop_block_runs_on_two_processes(tmp_path):
         "2",
     ]
     run = subprocess.run([*command, str(script)], capture_output=True, text=True, timeout=300)
+    if run.returncode != 0 and "terminate called without an active exception" in run.stderr:
+        # Seen once in five full runs on a loaded 2-core machine, a C++ abort in a rank's
+        # process (no Python traceback; the same block then passed alone three times and in
+        # the next full run): run it once more, and fail on any other error or a second abort.
+        run = subprocess.run([*command, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
 
 
