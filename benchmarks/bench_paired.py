@@ -68,17 +68,14 @@ def _part(name: str, shape: Shape) -> Callable[[], object]:
     if name == "weight-gradient page faults":
         return lambda: torch.empty(shape.v, shape.d).view(-1)[::1024].zero_()
     problem = linear_chunked.Problem(h, w, target, None, None, -100, 0.0, 0.0, None, None)
-    bounds = [
-        (start, min(start + problem.rows, shape.n)) for start in range(0, shape.n, problem.rows)
-    ]
     buffer = torch.mm(h[: problem.rows], w.T)  # resident, and real logits for the row pass
     if name == "row pass":
 
         def rows() -> None:
-            for start, stop in bounds:
-                logits = buffer[: stop - start]
+            for _, _, chunk_target in problem.chunks():
+                logits = buffer[: len(chunk_target)]
                 chunked.loss_and_grad(
-                    logits, target[start:stop], None, -100, 0.0, 0.0, None, 1.0, out=logits
+                    logits, chunk_target, None, -100, 0.0, 0.0, None, 1.0, out=logits
                 )
 
         return rows
@@ -86,13 +83,13 @@ def _part(name: str, shape: Shape) -> Callable[[], object]:
     grad_h, grad_w = torch.zeros(shape.n, shape.d), torch.zeros(shape.v, shape.d)
 
     def products() -> None:
-        for start, stop in bounds:
-            torch.mm(h[start:stop], w.T, out=buffer[: stop - start])
-            torch.mm(g[start:stop], w, out=grad_h[start:stop])
-            if start == 0:
-                torch.mm(g[start:stop].T, h[start:stop], out=grad_w)
+        for where, chunk_h, _ in problem.chunks():
+            torch.mm(chunk_h, w.T, out=buffer[: len(chunk_h)])
+            torch.mm(g[where], w, out=grad_h[where])
+            if where.start == 0:
+                torch.mm(g[where].T, chunk_h, out=grad_w)
             else:
-                grad_w.addmm_(g[start:stop].T, h[start:stop])
+                grad_w.addmm_(g[where].T, chunk_h)
 
     return products
 

@@ -121,7 +121,7 @@ class _Cache:
                     view = memoryview(memory)
                     self.entries[k] = (memory, weakref.ref(view))
                     return view
-            self.entries = [entry for entry in self.entries if entry[1]() is not None]
+            self._drop_free()
             memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             view = memoryview(memory)
             self.entries.append((memory, weakref.ref(view)))
@@ -129,7 +129,11 @@ class _Cache:
 
     def clear(self) -> None:
         with self.lock:
-            self.entries = [entry for entry in self.entries if entry[1]() is not None]
+            self._drop_free()
+
+    def _drop_free(self) -> None:
+        """Forget the mappings no tensor uses (the lock held)."""
+        self.entries = [entry for entry in self.entries if entry[1]() is not None]
 
 
 _CACHE = _Cache()

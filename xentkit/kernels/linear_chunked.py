@@ -54,16 +54,16 @@ from xentkit.kernels.chunked import loss_and_grad
 # About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk
 # on the CPU, and at least MIN_CHUNK_ROWS rows. Each chunk's matrix products run below the
 # speed of the whole ones: the two with the weight read all of it and MKL packs it again for
-# each, while a chunk's flops, 6 m V D, grow with its m rows. At N=2048, D=512, V=32768 on the
-# project's 2-core VM, the logits product took 9% longer in 683-row chunks than in one and 4%
-# longer in 1024-row ones (`g @ W`: 6% and 5%; `g.T @ h`: no change). In `python -m
-# benchmarks.bench_paired --shapes 2048x512x32768,2048x512x128256,2048x512x256000,8192x512x32768
-# --rounds 3 --chunk-sizes auto,1024,2048` (run at 0671813, when the minimum was 512 rows and
-# D up to 1024), 1024-row chunks took 1.07x, 1.06x, 1.05x and 1.01x the three whole products
-# against 1.07x, 1.14x, 1.12x and 1.05x for the 512 to 683 rows chosen then; one 2048-row chunk
-# 1.04x, 1.04x, 1.10x. So the minimum is 1024 rows: 1000 MiB of float32 logits at V = 256000,
-# half of what torch's N=2048 logits and gradient take. One such buffer is used (the gradient
-# overwrites the logits), whatever the number of tokens.
+# each, while a chunk's flops, 6 m V D, grow with its m rows (`python -m
+# benchmarks.bench_paired --parts` measures the products in these chunks on their own). In
+# `python -m benchmarks.bench_paired --shapes
+# 2048x512x32768,2048x512x128256,2048x512x256000,8192x512x32768 --rounds 3 --chunk-sizes
+# auto,1024,2048` on the project's 2-core VM (run at 0671813, when the minimum was 512 rows
+# and D up to 1024), 1024-row chunks took 1.07x, 1.06x, 1.05x and 1.01x the three whole
+# products against 1.07x, 1.14x, 1.12x and 1.05x for the 512 to 683 rows chosen then, and
+# 2048-row chunks 1.04x, 1.04x, 1.10x and 1.03x. So the minimum is 1024 rows: 1000 MiB of
+# float32 logits at V = 256000, half of what torch's N=2048 logits and gradient take. One such
+# buffer is used (the gradient overwrites the logits), whatever the number of tokens.
 CHUNK_BYTES = 128 * 2**20
 MIN_CHUNK_ROWS = 1024
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
