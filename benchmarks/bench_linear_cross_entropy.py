@@ -28,13 +28,19 @@ import xentkit
 from benchmarks.harness import Bench, Shape, Skip, Suite, split_backend
 
 
-def gemm_floor(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, *heads) -> Callable[[], tuple]:
+def gemm_floor(
+    g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, *heads, logits_over_g: bool = False
+) -> Callable[[], tuple]:
     """The matrix products no head + loss can avoid, each into an output buffer already
     resident (allocated and touched here, so no call pays for faulting its pages in): the
     logits ``h @ w.T`` of each head (``heads``: more ``(h, w)`` pairs, e.g. a teacher's) and
-    the two gradients ``g @ w`` and ``g.T @ h`` of the first, for a given ``N x V`` ``g``."""
+    the two gradients ``g @ w`` and ``g.T @ h`` of the first, for a given ``N x V`` ``g``.
+    ``logits_over_g`` writes the logits over ``g`` instead, as a fused head writes its gradient
+    over its logits: one ``N x V`` buffer instead of two, for shapes near the memory's end."""
     pairs = [(x, y.T) for x, y in ((h, w), *heads)] + [(g, w), (g.T, h)]
-    outs = [torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype) for a, b in pairs]
+    outs = [torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype) for a, b in pairs[len(heads) + 1 :]]
+    logits = [g if logits_over_g else torch.zeros_like(g) for _ in range(len(heads) + 1)]
+    outs = logits + outs
     return lambda: tuple(torch.mm(a, b, out=o) for (a, b), o in zip(pairs, outs, strict=True))
 
 
@@ -94,20 +100,25 @@ def slow_dtype(dtype: str) -> str | None:
     )
 
 
+def random_inputs(shape: Shape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Random hidden states, a classifier scaled like an initialised ``nn.Linear``, targets."""
+    h = torch.randn(shape.n, shape.d, dtype=dtype)
+    w = (torch.randn(shape.v, shape.d) / shape.d**0.5).to(dtype)
+    return h, w, torch.randint(shape.v, (shape.n,))
+
+
 def build(
     provider: str,
     shape: Shape,
     dtype: torch.dtype,
     compile_backend: str,
     chunk_size: int | None = None,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Bench:
-    """Random hidden states, a classifier scaled like an initialised ``nn.Linear``, targets,
-    and the step of ``provider`` on them (xentkit's with ``chunk_size`` tokens per chunk, the
-    automatic choice when None)."""
+    """The step of ``provider`` (xentkit's with ``chunk_size`` tokens per chunk, the automatic
+    choice when None) on ``inputs``, by default :func:`random_inputs`."""
     name, backend = split_backend(provider)
-    h = torch.randn(shape.n, shape.d, dtype=dtype)
-    w = (torch.randn(shape.v, shape.d) / shape.d**0.5).to(dtype)
-    target = torch.randint(shape.v, (shape.n,))
+    h, w, target = inputs or random_inputs(shape, dtype)
     inputs_bytes = h.nbytes + w.nbytes + target.nbytes
     if name == "floor":
         g = torch.randn(shape.n, shape.v, dtype=dtype)

@@ -333,3 +333,19 @@ def test_paired_quick_run(tmp_path, monkeypatch):
     assert [row["provider"] for row in data["rows"]] == ["xentkit", *bench_paired.PARTS] * 2
     assert not any("xentkit_ratio" in row["wall"] for row in data["rows"])
     assert "- row pass: the row kernel" in (tmp_path / "paired_parts.md").read_text()
+
+
+@pytest.mark.parametrize("logits_over_g", [False, True])
+def test_gemm_floor_computes_the_three_products(logits_over_g):
+    """The floor's products are the head's: logits, then the two gradients of ``g``; with
+    ``logits_over_g`` the logits are written over ``g`` (one N x V buffer) and the gradients
+    are those of the logits."""
+    h, w, g = torch.randn(6, 4), torch.randn(10, 4), torch.randn(6, 10)
+    given = g.clone()
+    floor = bench_linear_cross_entropy.gemm_floor(g, h, w, logits_over_g=logits_over_g)
+    logits, grad_h, grad_w = floor()
+    torch.testing.assert_close(logits, h @ w.T)
+    assert (logits.data_ptr() == g.data_ptr()) == logits_over_g
+    used = logits if logits_over_g else given
+    torch.testing.assert_close(grad_h, used @ w)
+    torch.testing.assert_close(grad_w, used.T @ h)
