@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) leaves the
 from benchmarks import (  # noqa: E402
     bench_cross_entropy,
     bench_linear_cross_entropy,
+    grid_table,
     harness,
     machine,
     memory,
@@ -30,7 +31,9 @@ from benchmarks import (  # noqa: E402
 from benchmarks.harness import Bench, Job, Shape, Skip, Suite  # noqa: E402
 
 
-@pytest.mark.parametrize("module", [harness, machine, memory, report], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [grid_table, harness, machine, memory, report], ids=lambda m: m.__name__
+)
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
@@ -349,3 +352,25 @@ def test_gemm_floor_computes_the_three_products(logits_over_g):
     used = logits if logits_over_g else given
     torch.testing.assert_close(grad_h, used @ w)
     torch.testing.assert_close(grad_w, used.T @ h)
+
+
+def test_grid_table_reads_both_runs(tmp_path, capsys):
+    """``python -m benchmarks.grid_table``: one row per shape either run measured, ``—`` where
+    the other did not, each peer's ratio from the same run as xentkit's time."""
+    wall = {"ratio": 1.5, "p20": 1.4, "p80": 1.6, "time_s": 3.0, "floor_s": 2.0}
+    paired = {"command": "P", "rows": [{"n": 4, "d": 2, "v": 8, "provider": "xentkit",
+                                        "chunk_size": "auto", "wall": wall}]}  # fmt: skip
+    grid_rows = [
+        {"n": 2, "d": 2, "v": 8, "provider": name, "status": "ok", "median": ms, "peak_mib": mib}
+        for name, ms, mib in (("xentkit", 100.0, 1.0), ("torch", 400.0, 9.0), ("cce", 200.0, 3.0))
+    ]
+    (tmp_path / "paired.json").write_text(json.dumps(paired))
+    (tmp_path / "linear_grid.json").write_text(json.dumps({"command": "G", "rows": grid_rows}))
+    assert grid_table.main(["--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| 2, 2, 8 | — | — | — | 0.250× | — | 0.500× | 1 / 9 / — / 3 |"
+    assert (
+        lines[3]
+        == "| 4, 2, 8 | 3.00 s | 2.00 s | 1.500× (1.400–1.600) | — | — | — | — / — / — / — |"
+    )
+    assert lines[-1] == "× floor: `P`; the peers and memory: `G`"
