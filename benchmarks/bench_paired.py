@@ -26,8 +26,13 @@ xentkit's; and the page faults of a fresh float32 weight gradient, which xentkit
 top were its gradient's mapping not kept between calls
 (:func:`xentkit.kernels._memory.cached_empty`).
 
-``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R] [--chunk-sizes ...]
-[--providers ... | --parts]``
+``--min-seconds S`` adds rounds to the shapes whose ``R`` rounds would take under ``S``
+seconds (the short ones, where a slow spell weighs most on few rounds). ``--update`` keeps the
+rows of the last run of the same kind and replaces those of the shapes it measures (its
+command is recorded after that run's), to measure some shapes of a long run again.
+
+``python -m benchmarks.bench_paired [--shapes NxDxV,...] [--rounds R] [--min-seconds S]
+[--chunk-sizes ...] [--providers ... | --parts]``
 writes ``benchmarks/results/paired.{json,png,md}`` (``paired_peers.*`` with ``--providers``,
 ``paired_parts.*`` with ``--parts``; the markdown goes into RESULTS.md as it is), after every
 shape; ``--quick`` runs tiny shapes into ``benchmarks/results-quick`` instead.
@@ -36,6 +41,7 @@ shape; ``--quick`` runs tiny shapes into ``benchmarks/results-quick`` instead.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
@@ -106,12 +112,16 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def measure(
-    shape: Shape, rounds: int, chunk_sizes: list[int | None], peers: list[str]
+    shape: Shape,
+    rounds: int,
+    chunk_sizes: list[int | None],
+    peers: list[str],
+    min_seconds: float = 0.0,
 ) -> list[dict]:
     """``rounds`` turns of xentkit (once per chunk size), each peer (or part of
-    :data:`PARTS`), then the floor, after one warm-up turn: one row of per-round ratios to the
-    floor per step; a peer's row also has the per-round ratio of xentkit (its first chunk
-    size) to it."""
+    :data:`PARTS`), then the floor, after one warm-up turn, and more turns until they have
+    taken ``min_seconds``: one row of per-round ratios to the floor per step; a peer's row
+    also has the per-round ratio of xentkit (its first chunk size) to it."""
     variants = [("xentkit", chunk) for chunk in chunk_sizes] + [(peer, None) for peer in peers]
     inputs = linear.random_inputs(shape, torch.float32)
     steps = {}
@@ -128,13 +138,21 @@ def measure(
     steps["floor"] = linear.gemm_floor(g, h.detach(), w.detach(), logits_over_g=True)
     wall: dict = {name: [] for name in steps}
     cpu: dict = {name: [] for name in steps}
-    for turn in range(rounds + 1):
+
+    def turn(record: bool) -> float:
+        start = time.perf_counter()
         for name, step in steps.items():
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             step()
-            if turn:
+            if record:
                 wall[name].append(time.perf_counter() - start_wall)
                 cpu[name].append(time.process_time() - start_cpu)
+        return time.perf_counter() - start
+
+    turn(record=False)
+    spent = sum(turn(record=True) for _ in range(rounds))
+    while spent < min_seconds:
+        spent += turn(record=True)
     rows = []
     for k, (provider, chunk) in enumerate(variants):
         if k not in steps:
@@ -142,6 +160,7 @@ def measure(
         row = {"case": linear.case_label(shape), "n": shape.n, "d": shape.d, "v": shape.v}
         row["provider"] = provider
         row["chunk_size"] = "auto" if chunk is None else chunk
+        row["rounds"] = len(wall[k])
         for clock, times in (("wall", wall), ("cpu", cpu)):
             median, p20, p80 = _quantiles(_ratios(times[k], times["floor"]))
             row[clock] = {
@@ -174,20 +193,22 @@ def markdown(data: dict, image: str) -> str:
         f"- command: `{data['command']}`",
         f"- machine: {describe(data['machine'])}",
         f"- floor: {linear.FLOOR_TEXT}",
-        f"- {data['rounds']} rounds per shape after a warm-up, xentkit, its peers and the "
+        f"- {data['rounds']} rounds per shape after a warm-up (more where they would take "
+        f"under {data.get('min_seconds', 0):g} s: the rounds column), xentkit, its peers and the "
         "floor taking turns in one process; each ratio is the median of the per-round ratios "
         "(p20–p80 beside it); a peer's last column is xentkit's time over the peer's",
         *(f"- {name}: {text}" for name, text in PARTS.items() if data.get("parts")),
         "",
-        "| case | time | floor | × floor (wall) | p20–p80 | × floor (CPU time) | p20–p80 "
-        "| xentkit ÷ this (wall) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | rounds | time | floor | × floor (wall) | p20–p80 | × floor (CPU time) "
+        "| p20–p80 | xentkit ÷ this (wall) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in data["rows"]:
         wall, cpu = row["wall"], row["cpu"]
         versus = f"{wall['xentkit_ratio']:.3f}×" if "xentkit_ratio" in wall else "—"
         lines.append(
-            f"| {_label(row)} | {wall['time_s']:.2f} s | {wall['floor_s']:.2f} s | "
+            f"| {_label(row)} | {row.get('rounds', data['rounds'])} | {wall['time_s']:.2f} s "
+            f"| {wall['floor_s']:.2f} s | "
             f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | "
             f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} | {versus} |"
         )
@@ -221,6 +242,24 @@ def plot(data: dict, path: Path) -> Path:
     return path
 
 
+def _updating(path: Path, data: dict) -> dict:
+    """``data`` holding the rows of the last run written to ``path`` (each with its number of
+    rounds), its command that run's followed by this one's."""
+    previous = json.loads(path.read_text())
+    rows = [{"rounds": previous["rounds"], **row} for row in previous["rows"]]
+    return {**data, "command": f"{previous['command']} && {data['command']}", "rows": rows}
+
+
+def _replace(rows: list[dict], new: list[dict]) -> list[dict]:
+    """``rows`` with those of ``new``'s case replaced by ``new`` (in the first one's place), or
+    ``new`` added at the end."""
+    if not new:
+        return rows
+    case = new[0]["case"]
+    where = next((i for i, row in enumerate(rows) if row["case"] == case), len(rows))
+    return [*rows[:where], *new, *(row for row in rows[where:] if row["case"] != case)]
+
+
 def _chunk_sizes(text: str) -> list[int | None]:
     """``auto,1024`` -> ``[None, 1024]``."""
     return [None if part == "auto" else int(part) for part in text.split(",")]
@@ -232,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
     p.add_argument("--shapes", type=_shapes, help="comma-separated NxDxV")
     p.add_argument("--rounds", type=int, default=5, help="paired rounds per shape")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="more rounds where the rounds of a shape would take less time than this",
+    )
     p.add_argument(
         "--providers",
         type=lambda text: text.split(","),
@@ -249,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[None],
         help="comma-separated tokens per chunk of xentkit's rows, 'auto' for the default",
     )
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rows of the suite's last run and replace those of the shapes measured now",
+    )
     args = p.parse_args(arguments)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     rounds = 2 if args.quick else args.rounds
@@ -261,13 +311,17 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "-m", "benchmarks.bench_paired", *arguments]),
         "machine": machine_info(),
         "rounds": rounds,
+        "min_seconds": args.min_seconds,
         "parts": args.parts,
         "rows": [],
     }
+    if args.update:
+        data = _updating(out / f"{suite}.json", data)
     others = list(PARTS) if args.parts else args.providers
     for k, shape in enumerate(shapes, 1):
-        for row in measure(shape, rounds, args.chunk_sizes, others):
-            data["rows"].append(row)
+        rows = measure(shape, rounds, args.chunk_sizes, others, args.min_seconds)
+        data["rows"] = _replace(data["rows"], rows)
+        for row in rows:
             print(f"{_label(row)}: {row['wall']['ratio']:.3f}x the floor (wall)", flush=True)
         # Written after every shape: a run stopped part-way (the largest shape out of memory)
         # keeps the shapes it measured.

@@ -308,8 +308,10 @@ def test_paired_quick_run(tmp_path, monkeypatch):
     from benchmarks import bench_paired
 
     monkeypatch.setattr(bench_paired, "QUICK_OUT", tmp_path)
-    assert bench_paired.main(["--quick", "--chunk-sizes", "auto,16"]) == 0
+    assert bench_paired.main(["--quick", "--chunk-sizes", "auto,16", "--min-seconds", "0.3"]) == 0
     data = json.loads((tmp_path / "paired.json").read_text())
+    # rounds added until they took 0.3 s (a tiny shape's round takes milliseconds)
+    assert all(row["rounds"] > 2 for row in data["rows"])
     cases = [(row["case"], row["chunk_size"]) for row in data["rows"]]
     assert cases == [
         ("N=64 D=32 V=256", "auto"),
@@ -323,6 +325,16 @@ def test_paired_quick_run(tmp_path, monkeypatch):
     assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "paired.md").read_text()
     assert "× floor (wall)" in text and "| N=37 D=24 V=1000 xentkit chunk=16 |" in text
+    # --update: one shape measured again, its rows replaced in place, the others kept
+    assert bench_paired.main(["--quick", "--update", "--shapes", "64x32x256"]) == 0
+    updated = json.loads((tmp_path / "paired.json").read_text())
+    assert [(row["case"], row["chunk_size"]) for row in updated["rows"]] == [
+        ("N=64 D=32 V=256", "auto"),
+        ("N=37 D=24 V=1000", "auto"),
+        ("N=37 D=24 V=1000", 16),
+    ]
+    assert updated["rows"][1:] == data["rows"][2:]
+    assert updated["command"].startswith(data["command"] + " && ")
     # with a peer: its own files, and xentkit's time over the peer's in each peer row
     assert bench_paired.main(["--quick", "--providers", "torch"]) == 0
     data = json.loads((tmp_path / "paired_peers.json").read_text())

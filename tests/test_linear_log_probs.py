@@ -98,6 +98,18 @@ def test_matches_torch_and_reference(shape, v, d, chunk_size, temperature, bias,
         assert not value.view(-1)[list(ignored)].any()
 
 
+@pytest.mark.parametrize("slice_bytes", [1, 100])
+def test_row_passes_in_slices_of_rows(monkeypatch, slice_bytes):
+    """Each chunk's row passes run slice by slice of rows (``row_stats.row_slices``): with
+    slices of one row, or of a few rows that do not divide the chunk, nothing changes."""
+    from xentkit.kernels import row_stats
+
+    monkeypatch.setattr(row_stats, "SLICE_BYTES", slice_bytes)
+    hidden, weight, b, target = make_inputs((11,), 5, 9, ignored={3})
+    got = values_and_grads(fused, hidden, weight, b, target, chunk_size=6, temperature=0.7)
+    assert_same(got, values_and_grads(exact, hidden, weight, b, target, temperature=0.7))
+
+
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
 def test_ignored_tokens_get_no_gradient(chunk_size):
     hidden, weight, bias, target = make_inputs((10,), 4, 6, ignored=[0, 3, 4, 9])

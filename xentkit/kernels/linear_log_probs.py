@@ -20,9 +20,11 @@ saved :math:`\mathrm{lse}` and pushes
 through the head: three matrix products (the logits again, :math:`G W` and
 :math:`G^\top H`), four with the forward's, the least any path takes that keeps no ``M x V``
 tensor between the two passes. Nothing of size ``M x V`` is ever built, so
-the extra memory is one chunk of logits and its float32 working copies, plus the float32
-weight gradient, whatever ``M`` is. Tokens whose target is ``ignore_index`` are dropped before
-the first matrix product; their outputs and gradients are 0.
+the extra memory is one chunk of logits (and its float32 copy for half-precision input), plus
+the float32 weight gradient, whatever ``M`` is: the row passes run slice by slice of rows
+(:func:`~xentkit.kernels.row_stats.row_slices`), their temporaries a few MiB. Tokens whose
+target is ``ignore_index`` are dropped before the first matrix product; their outputs and
+gradients are 0.
 
 Matrix products run in the input dtype; everything else in float32 (float64 for float64).
 """
@@ -83,13 +85,13 @@ class Outputs(NamedTuple):
 
 def _rows(triton_rows: bool):
     """The row passes of a chunk: :func:`row_stats.block` and :func:`row_stats.log_prob_grad`
-    in torch ops, or their Triton kernels (one program per row, on CUDA; the matrix products
-    stay cuBLAS's)."""
+    in torch ops, slice by slice of rows (:func:`row_stats.row_slices`), or their Triton
+    kernels (one program per row, on CUDA; the matrix products stay cuBLAS's)."""
     if triton_rows:
         from xentkit.kernels import triton as kernels
 
         return kernels.row_stats_block, kernels.log_prob_grad
-    return row_stats.block, row_stats.log_prob_grad
+    return row_stats.block_rows, row_stats.log_prob_grad_rows
 
 
 def _forward(

@@ -126,6 +126,30 @@ def block(
     return stats
 
 
+# The torch-op row passes over a chunk of rows run slice by slice of about this many bytes
+# of logits: their temporaries (the shifted logits, their exponentials, products of the two)
+# then stay this small and in the cache, instead of several chunk-sized tensors.
+SLICE_BYTES = 8 * 2**20
+
+
+def row_slices(x: Tensor) -> list[slice]:
+    """Consecutive slices of the rows of ``(m, V)`` ``x``, each about :data:`SLICE_BYTES`.
+
+    Example:
+        >>> row_slices(torch.empty(5, 2**20))
+        [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None)]
+    """
+    rows = max(1, SLICE_BYTES // max(1, x.shape[-1] * x.element_size()))
+    return [slice(start, start + rows) for start in range(0, max(1, x.shape[0]), rows)]
+
+
+def block_rows(x: Tensor, target: Tensor, **asked: bool) -> RowStats:
+    """:func:`block` of ``(m, V)`` logits with their ``(m,)`` targets (and the options
+    ``asked``), computed in :func:`row_slices`: the same statistics, a slice's temporaries."""
+    parts = [block(x[rows], target[rows], **asked) for rows in row_slices(x)]
+    return RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)))
+
+
 def stack(parts: list[RowStats]) -> RowStats:
     """Several blocks' statistics stacked on a new leading dimension, for :func:`merge`."""
     return RowStats(*(None if f[0] is None else torch.stack(f) for f in zip(*parts, strict=True)))
@@ -214,6 +238,21 @@ def log_prob_grad(
     return grad
 
 
+def log_prob_grad_rows(
+    x: Tensor,
+    lse: Tensor,
+    a: Tensor,
+    b: Tensor | None = None,
+    entropy: Tensor | None = None,
+    target: Tensor | None = None,
+) -> Tensor:
+    """:func:`log_prob_grad` of ``(m, V)`` logits in :func:`row_slices`, written over ``x``."""
+    for rows in row_slices(x):
+        per_row = (None if t is None else t[rows] for t in (b, entropy, target))
+        log_prob_grad(x[rows], lse[rows], a[rows], *per_row)
+    return x
+
+
 def loss_rows(x: Tensor, target: Tensor, counted: Tensor, triton_rows: bool = False):
     """``(lse, entropy, is_top1)`` of each row of ``(m, V)`` logits ``x`` (in the accumulation
     dtype, after any softcap): the per-row inputs of :func:`xentkit.reference.loss_stats`,
@@ -224,7 +263,7 @@ def loss_rows(x: Tensor, target: Tensor, counted: Tensor, triton_rows: bool = Fa
 
         stats = kernels.row_stats_block(x, safe, entropy=True, argmax=True)
     else:
-        stats = block(x, safe, entropy=True, argmax=True)
+        stats = block_rows(x, safe, entropy=True, argmax=True)
     done = finish(stats, safe)
     return done.lse, done.entropy, done.is_top1
 
