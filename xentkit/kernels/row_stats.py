@@ -221,10 +221,19 @@ def log_prob_grad(
     target: Tensor | None = None,
     owned: Tensor | None = None,
 ) -> Tensor:
-    r""":math:`a([j = t] - p_j) - b\,p_j(\log p_j + H)` for a block of logits ``x``, written
-    over ``x`` (scratch). ``a``, ``b``, ``lse``, ``entropy`` are per row; ``target``/``owned`` as
-    in :func:`block` (no target term without ``target``). :math:`\log p` is floored at
-    :data:`xentkit.reference.LOG_PROB_FLOOR` so that a masked class adds 0, not NaN."""
+    r""":math:`a([j = t] - p_j) - b\,p_j(\log p_j + H)` for a ``(rows, B)`` block of logits
+    ``x``, written over ``x`` (scratch) in :func:`row_slices`. ``a``, ``b``, ``lse``,
+    ``entropy`` are per row; ``target``/``owned`` as in :func:`block` (no target term without
+    ``target``). :math:`\log p` is floored at :data:`xentkit.reference.LOG_PROB_FLOOR` so that
+    a masked class adds 0, not NaN."""
+    for rows in row_slices(x):
+        per_row = (None if t is None else t[rows] for t in (b, entropy, target, owned))
+        _log_prob_grad(x[rows], lse[rows], a[rows], *per_row)
+    return x
+
+
+def _log_prob_grad(x, lse, a, b, entropy, target, owned) -> None:
+    """:func:`log_prob_grad` of one slice of rows, in place."""
     log_p = x.sub_(lse.unsqueeze(-1))
     if b is None:
         grad = log_p.exp_().mul_(-a.unsqueeze(-1))
@@ -235,22 +244,6 @@ def log_prob_grad(
     if target is not None and x.shape[-1]:
         at_target = a if owned is None else torch.where(owned, a, 0.0)
         grad.scatter_add_(-1, target.unsqueeze(-1), at_target.unsqueeze(-1))
-    return grad
-
-
-def log_prob_grad_rows(
-    x: Tensor,
-    lse: Tensor,
-    a: Tensor,
-    b: Tensor | None = None,
-    entropy: Tensor | None = None,
-    target: Tensor | None = None,
-) -> Tensor:
-    """:func:`log_prob_grad` of ``(m, V)`` logits in :func:`row_slices`, written over ``x``."""
-    for rows in row_slices(x):
-        per_row = (None if t is None else t[rows] for t in (b, entropy, target))
-        log_prob_grad(x[rows], lse[rows], a[rows], *per_row)
-    return x
 
 
 def loss_rows(x: Tensor, target: Tensor, counted: Tensor, triton_rows: bool = False):
