@@ -179,23 +179,26 @@ def test_merging_blocks_equals_the_whole_row(cuts, masked, seed):
     seed=st.integers(0, 100),
 )
 def test_row_slices_change_nothing(rows, vocab, slice_bytes, seed):
-    """The row passes in slices of rows (``block_rows``, ``log_prob_grad``, what the chunked
-    paths run) give what one pass over all the rows gives, whatever the slice size."""
+    """The row passes in slices of rows (``block``, ``log_prob_grad``) give what one pass over
+    all the rows gives, whatever the slice size."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
     x[:, : vocab // 3] = float("-inf") if seed % 2 else x[:, : vocab // 3]
     target = torch.randint(vocab, (rows,), generator=g)
-    asked = {"entropy": True, "sum_sq": True, "sum_x": True, "argmax": True}
-    whole = row_stats.block(x, target, **asked)
+    owned = torch.rand(rows, generator=g) > 0.3  # a vocabulary shard's rows
+    class_weight = torch.rand(vocab, generator=g, dtype=torch.float64)
+    options = {"entropy": True, "sum_sq": True, "sum_x": True, "argmax": True, "offset": 5}
+    options |= {"owned": owned, "class_weight": class_weight}
+    whole = row_stats.block(x, target, **options)  # one slice: 8 MiB of rows
     done = row_stats.finish(whole)
     a, b = torch.randn(rows, generator=g, dtype=torch.float64), torch.rand(rows, generator=g)
-    args = (done.lse, a, b.double(), done.entropy, target)
+    args = (done.lse, a, b.double(), done.entropy, target, owned)
     want_grad = row_stats.log_prob_grad(x.clone(), *args)  # one slice: 8 MiB of rows
     with mock.patch.object(row_stats, "SLICE_BYTES", slice_bytes):
         assert len(row_stats.row_slices(x)) == max(
             1, -(-rows // max(1, slice_bytes // (8 * vocab)))
         )
-        sliced = row_stats.block_rows(x, target, **asked)
+        sliced = row_stats.block(x, target, **options)
         got = row_stats.log_prob_grad(x.clone(), *args)
     for field, want, have in zip(whole._fields, whole, sliced, strict=True):
         torch.testing.assert_close(have, want, msg=field)

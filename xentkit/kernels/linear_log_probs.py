@@ -84,14 +84,14 @@ class Outputs(NamedTuple):
 
 
 def _rows(triton_rows: bool):
-    """The row passes of a chunk: :func:`row_stats.block_rows` and
-    :func:`row_stats.log_prob_grad` in torch ops, slice by slice of rows, or their Triton
-    kernels (one program per row, on CUDA; the matrix products stay cuBLAS's)."""
+    """The row passes of a chunk: :func:`row_stats.block` and :func:`row_stats.log_prob_grad`
+    in torch ops (slice by slice of rows), or their Triton kernels (one program per row, on
+    CUDA; the matrix products stay cuBLAS's)."""
     if triton_rows:
         from xentkit.kernels import triton as kernels
 
         return kernels.row_stats_block, kernels.log_prob_grad
-    return row_stats.block_rows, row_stats.log_prob_grad
+    return row_stats.block, row_stats.log_prob_grad
 
 
 def _forward(

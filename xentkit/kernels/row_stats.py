@@ -83,7 +83,8 @@ def block(
     sum_x: bool = False,
     argmax: bool = False,
 ) -> RowStats:
-    """:class:`RowStats` of ``(rows, B)`` logits ``x`` (in the accumulation dtype).
+    """:class:`RowStats` of ``(rows, B)`` logits ``x`` (in the accumulation dtype), computed in
+    :func:`row_slices` (each slice's temporaries a few MiB, whatever the number of rows).
 
     Args:
         x: the block's logits, already transformed (softcap, scale, temperature).
@@ -100,6 +101,16 @@ def block(
         >>> finish(s).log_prob
         tensor([-0.4644, -0.1967])
     """
+    asked = (entropy, sum_sq, sum_x, argmax)
+    parts = []
+    for rows in row_slices(x):
+        per_row = (None if t is None else t[rows] for t in (target, owned))
+        parts.append(_block(x[rows], *per_row, class_weight, offset, *asked))
+    return RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)))
+
+
+def _block(x, target, owned, class_weight, offset, entropy, sum_sq, sum_x, argmax) -> RowStats:
+    """:func:`block` of one slice of rows."""
     rows = x.shape[:-1]
     # An empty block (an uneven vocabulary shard) holds nothing: its maximum is -inf.
     row_max = x.amax(-1) if x.shape[-1] else x.new_full(rows, float("-inf"))
@@ -141,13 +152,6 @@ def row_slices(x: Tensor) -> list[slice]:
     """
     rows = max(1, SLICE_BYTES // max(1, x.shape[-1] * x.element_size()))
     return [slice(start, start + rows) for start in range(0, max(1, x.shape[0]), rows)]
-
-
-def block_rows(x: Tensor, target: Tensor, **asked: bool) -> RowStats:
-    """:func:`block` of ``(m, V)`` logits with their ``(m,)`` targets (and the options
-    ``asked``), computed in :func:`row_slices`: the same statistics, a slice's temporaries."""
-    parts = [block(x[rows], target[rows], **asked) for rows in row_slices(x)]
-    return RowStats(*(None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)))
 
 
 def stack(parts: list[RowStats]) -> RowStats:
@@ -256,7 +260,7 @@ def loss_rows(x: Tensor, target: Tensor, counted: Tensor, triton_rows: bool = Fa
 
         stats = kernels.row_stats_block(x, safe, entropy=True, argmax=True)
     else:
-        stats = block_rows(x, safe, entropy=True, argmax=True)
+        stats = block(x, safe, entropy=True, argmax=True)
     done = finish(stats, safe)
     return done.lse, done.entropy, done.is_top1
 
