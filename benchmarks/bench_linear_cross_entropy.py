@@ -38,9 +38,12 @@ def gemm_floor(
     ``logits_over_g`` writes the logits over ``g`` instead, as a fused head writes its gradient
     over its logits: one ``N x V`` buffer instead of two, for shapes near the memory's end."""
     pairs = [(x, y.T) for x, y in ((h, w), *heads)] + [(g, w), (g.T, h)]
-    outs = [torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype) for a, b in pairs[len(heads) + 1 :]]
-    logits = [g if logits_over_g else torch.zeros_like(g) for _ in range(len(heads) + 1)]
-    outs = logits + outs
+    outs = [
+        g
+        if logits_over_g and k <= len(heads)
+        else torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+        for k, (a, b) in enumerate(pairs)
+    ]
     return lambda: tuple(torch.mm(a, b, out=o) for (a, b), o in zip(pairs, outs, strict=True))
 
 

@@ -70,10 +70,12 @@ PARTS = {
 }
 
 
-def _part(name: str, shape: Shape) -> Callable[[], object]:
-    """The step of one of :data:`PARTS` on random float32 inputs of ``shape``."""
-    h, w = torch.randn(shape.n, shape.d), torch.randn(shape.v, shape.d) / shape.d**0.5
-    target = torch.randint(shape.v, (shape.n,))
+def _part(
+    name: str, shape: Shape, inputs: tuple[torch.Tensor, ...], g: torch.Tensor
+) -> Callable[[], object]:
+    """The step of one of :data:`PARTS` on the round's float32 ``inputs`` (hidden states,
+    weight, targets) and the floor's ``N x V`` gradient ``g``."""
+    h, w, target = (t.detach() for t in inputs)
     if name == "weight-gradient page faults":
         return lambda: torch.empty(shape.v, shape.d).view(-1)[::1024].zero_()
     problem = linear_chunked.Problem(h, w, target, None, None, -100, 0.0, 0.0, None, None)
@@ -88,7 +90,6 @@ def _part(name: str, shape: Shape) -> Callable[[], object]:
                 )
 
         return rows
-    g = torch.randn(shape.n, shape.v)
     grad_h, grad_w = torch.zeros(shape.n, shape.d), torch.zeros(shape.v, shape.d)
 
     def products() -> None:
@@ -124,17 +125,17 @@ def measure(
     also has the per-round ratio of xentkit (its first chunk size) to it."""
     variants = [("xentkit", chunk) for chunk in chunk_sizes] + [(peer, None) for peer in peers]
     inputs = linear.random_inputs(shape, torch.float32)
+    g = torch.randn(shape.n, shape.v)
     steps = {}
     for k, (provider, chunk) in enumerate(variants):
         if provider in PARTS:
-            steps[k] = _part(provider, shape)
+            steps[k] = _part(provider, shape, inputs, g)
             continue
         try:
             steps[k] = linear.build(provider, shape, torch.float32, "inductor", chunk, inputs).step
         except Skip as why:
             print(f"{provider} left out: {why}", flush=True)
     h, w, _ = inputs
-    g = torch.randn(shape.n, shape.v)
     steps["floor"] = linear.gemm_floor(g, h.detach(), w.detach(), logits_over_g=True)
     wall: dict = {name: [] for name in steps}
     cpu: dict = {name: [] for name in steps}
@@ -207,7 +208,7 @@ def markdown(data: dict, image: str) -> str:
         wall, cpu = row["wall"], row["cpu"]
         versus = f"{wall['xentkit_ratio']:.3f}×" if "xentkit_ratio" in wall else "—"
         lines.append(
-            f"| {_label(row)} | {row.get('rounds', data['rounds'])} | {wall['time_s']:.2f} s "
+            f"| {_label(row)} | {row['rounds']} | {wall['time_s']:.2f} s "
             f"| {wall['floor_s']:.2f} s | "
             f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | "
             f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} | {versus} |"
