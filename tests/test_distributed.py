@@ -96,8 +96,16 @@ def _entry(rank: int, world_size: int, store: str, worker: Callable) -> None:
 def _spawn(tmp_path, world_size: int, worker: Callable) -> None:
     """Run ``worker(checks, rank, world_size)`` on ``world_size`` gloo ranks (a module-level
     function: the ranks import it by name); fail with every rank's failed checks."""
-    store = str(tmp_path / "store")
-    mp.spawn(_entry, args=(world_size, store, worker), nprocs=world_size, join=True)
+    try:
+        mp.spawn(_entry, args=(world_size, str(tmp_path / "store"), worker), nprocs=world_size)
+    except mp.ProcessExitedException as error:
+        # A rank aborting in C++ ("terminate called without an active exception", SIGABRT, no
+        # Python traceback) was seen once in a full run on a loaded 2-core machine, as in
+        # test_readme's two-process block; the test then passed alone three times. Run once
+        # more on a fresh store; a failed check raises in its rank (not SIGABRT) and fails.
+        if error.signal_name != "SIGABRT":
+            raise
+        mp.spawn(_entry, args=(world_size, str(tmp_path / "again"), worker), nprocs=world_size)
 
 
 # ---------------------------------------------------------------- inputs shared by every rank
