@@ -63,7 +63,8 @@ QUICK_SHAPES = [Shape(64, 32, 256), Shape(37, 24, 1000)]
 
 PARTS = {
     "products in chunks": "the three products in xentkit's automatic chunks, into resident "
-    "buffers (the weight gradient accumulated chunk by chunk)",
+    "buffers (the weight gradient accumulated chunk by chunk; the logits from the weight packed "
+    "once, as xentkit computes them)",
     "row pass": "the row kernel over those chunks, each gradient written over its logits",
     "weight-gradient page faults": "a fresh float32 V x D tensor, one element per 4 KiB page "
     "written: what a fresh weight gradient costs, which xentkit's kept mapping saves",
@@ -79,8 +80,8 @@ def _part(
     if name == "weight-gradient page faults":
         return lambda: torch.empty(shape.v, shape.d).view(-1)[::1024].zero_()
     problem = linear_chunked.Problem(h, w, target, None, None, -100, 0.0, 0.0, None, None)
-    buffer = torch.mm(h[: problem.rows], w.T)  # resident, and real logits for the row pass
     if name == "row pass":
+        buffer = torch.mm(h[: problem.rows], w.T)  # resident, and real logits
 
         def rows() -> None:
             for _, _, chunk_target in problem.chunks():
@@ -93,13 +94,14 @@ def _part(
     grad_h, grad_w = torch.zeros(shape.n, shape.d), torch.zeros(shape.v, shape.d)
 
     def products() -> None:
-        for where, chunk_h, _ in problem.chunks():
-            torch.mm(chunk_h, w.T, out=buffer[: len(chunk_h)])
-            torch.mm(g[where], w, out=grad_h[where])
-            if where.start == 0:
-                torch.mm(g[where].T, chunk_h, out=grad_w)
-            else:
-                grad_w.addmm_(g[where].T, chunk_h)
+        with problem.workspace() as logits:  # and the weight packed as xentkit packs it
+            for where, chunk_h, _ in problem.chunks():
+                problem.logits(chunk_h, logits)
+                torch.mm(g[where], w, out=grad_h[where])
+                if where.start == 0:
+                    torch.mm(g[where].T, chunk_h, out=grad_w)
+                else:
+                    grad_w.addmm_(g[where].T, chunk_h)
 
     return products
 

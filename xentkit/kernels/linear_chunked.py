@@ -12,7 +12,10 @@ the logits), and that gradient is pushed through the head at once:
 
 so the extra memory is one chunk of logits plus the float32 weight gradient, whatever ``M``
 is: about :data:`CHUNK_BYTES` on the CPU (kept between calls as a workspace,
-:func:`xentkit.kernels._memory.workspace`), traded for speed by ``chunk_size``.
+:func:`xentkit.kernels._memory.workspace`), traded for speed by ``chunk_size``. On the CPU in
+float32 the chunks' logits products read the weight packed once per pass
+(:mod:`xentkit.kernels.packed_gemm`, up to 2 GiB more, also kept) rather than each packing it
+again.
 Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
 
 For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
@@ -47,14 +50,15 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
-from xentkit.kernels import _memory, chunked, grad_filter, row_stats
+from xentkit.kernels import _memory, chunked, grad_filter, packed_gemm, row_stats
 from xentkit.kernels._fused_op import graph_is_kept
 from xentkit.kernels.chunked import loss_and_grad
 
 # About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk
 # on the CPU, and at least MIN_CHUNK_ROWS rows. Each chunk's matrix products run below the
-# speed of the whole ones: the two with the weight read all of it and MKL packs it again for
-# each, while a chunk's flops, 6 m V D, grow with its m rows (`python -m
+# speed of the whole ones: the two with the weight read all of it (the logits product from a
+# copy packed once per pass, xentkit.kernels.packed_gemm, where that applies; otherwise MKL
+# packs it again for each), while a chunk's flops, 6 m V D, grow with its m rows (`python -m
 # benchmarks.bench_paired --parts` measures the products in these chunks on their own). In
 # `python -m benchmarks.bench_paired --shapes
 # 2048x512x32768,2048x512x128256,2048x512x256000,8192x512x32768 --rounds 3 --chunk-sizes
@@ -149,6 +153,8 @@ class Problem:
         else:
             rows = chunk_size
         self.rows = max(1, min(rows, self.count))
+        # The weight packed for the logits products, during a pass (:meth:`workspace`).
+        self._packed: packed_gemm.PackedWeight | None = None
 
     def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
         """``(positions, hidden rows, targets)`` of each chunk of counted tokens."""
@@ -162,8 +168,11 @@ class Problem:
                 yield where, self.hidden.index_select(0, where), self.target[where]
 
     def logits(self, hidden: Tensor, buffer: Tensor) -> Tensor:
-        """``hidden @ weight.T + bias`` written into the first rows of ``buffer``."""
+        """``hidden @ weight.T + bias`` written into the first rows of ``buffer`` (from the
+        weight packed by :meth:`workspace` when it packed it)."""
         out = buffer[: hidden.shape[0]]
+        if self._packed is not None:
+            return self._packed.logits(hidden, self.bias, out)
         if self.bias is None:
             return torch.mm(hidden, self.weight.T, out=out)
         return torch.addmm(self.bias, hidden, self.weight.T, out=out)
@@ -174,11 +183,20 @@ class Problem:
         shape = (self.rows, self.weight.shape[0])
         return _memory.large_empty(shape, self.hidden.dtype, self.hidden.device)
 
-    def workspace(self) -> contextlib.AbstractContextManager[Tensor]:
+    @contextlib.contextmanager
+    def workspace(self) -> Iterator[Tensor]:
         """The ``(m, V)`` buffer every chunk of a pass reuses, for a ``with`` block: on the CPU
-        the workspace kept between calls (:func:`xentkit.kernels._memory.workspace`)."""
+        the workspace kept between calls (:func:`xentkit.kernels._memory.workspace`). For the
+        block, :meth:`logits` reads the weight packed once
+        (:func:`xentkit.kernels.packed_gemm.pack`) where that applies."""
         shape = (self.rows, self.weight.shape[0])
-        return _memory.workspace(shape, self.hidden.dtype, self.hidden.device)
+        with _memory.workspace(shape, self.hidden.dtype, self.hidden.device) as buffer:
+            if self.hidden.dtype == self.weight.dtype:
+                self._packed = packed_gemm.pack(self.weight, self.rows, self.count)
+            try:
+                yield buffer
+            finally:
+                self._packed = None
 
     def denominators(self, reduction: str) -> tuple[Tensor, Tensor]:
         """What the cross-entropy and z-loss sums are divided by: for the mean, the summed
