@@ -191,6 +191,12 @@ def parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the rows the run would measure, run nothing"
     )
     p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rows of each suite's last run in --out and replace those measured now "
+        "(same case, dtype and provider); both commands are recorded",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: remake the tables, plots and RESULTS.md from the JSON in --out",
@@ -305,14 +311,40 @@ def _suite_results(
     }
 
 
+def updated(previous: dict, data: dict) -> dict:
+    """``data`` with the rows of ``previous`` (the suite's last run) it did not measure again
+    kept, each measured row in its predecessor's place, and both commands recorded.
+
+    Example:
+        >>> row = lambda provider, median: {"case": "N=1", "dtype": "float32",
+        ...                                 "provider": provider, "median": median}
+        >>> old = {"command": "A", "providers": ["x", "y"], "rows": [row("x", 1), row("y", 2)]}
+        >>> new = {"command": "B", "providers": ["x"], "rows": [row("x", 3)]}
+        >>> merged = updated(old, new)
+        >>> merged["command"], merged["providers"], [r["median"] for r in merged["rows"]]
+        ('A && B', ['x', 'y'], [3, 2])
+    """
+
+    def key(row: dict) -> tuple:
+        return row["case"], row["dtype"], row["provider"]
+
+    new = {key(row): row for row in data["rows"]}
+    rows = [new.pop(key(row), row) for row in previous["rows"]] + list(new.values())
+    providers = list(dict.fromkeys([*previous["providers"], *data["providers"]]))
+    command = f"{previous['command']} && {data['command']}"
+    return {**data, "command": command, "providers": providers, "rows": rows}
+
+
 def run_suites(
     jobs: dict[str, list[Job]],
     notes: dict[str, list[str]],
     out: Path,
     command: str,
     console: Console,
+    update: bool = False,
 ) -> list[dict]:
-    """Runs every job under a progress bar; writes and returns each suite's results."""
+    """Runs every job under a progress bar; writes and returns each suite's results (with
+    ``update``, merged into the suite's last results in ``out``: :func:`updated`)."""
     machine = machine_info()
     results = []
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -330,7 +362,10 @@ def run_suites(
                 progress.advance(task)
                 progress.refresh()
             data = _suite_results(SUITES[name], suite_jobs, rows, notes[name], command, machine)
-            _write_json(data, out / f"{name}.json")
+            path = out / f"{name}.json"
+            if update and path.exists():
+                data = updated(json.loads(path.read_text()), data)
+            _write_json(data, path)
             results.append(data)
     return results
 
@@ -433,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(job.title, markup=False)
         console.print(f"{sum(map(len, jobs.values()))} rows; results would go to {out}")
         return 0
-    results = run_suites(jobs, notes, out, command, console)
+    results = run_suites(jobs, notes, out, command, console, args.update)
     for data in results:
         report.print_suite(data, console)
     write_outputs(out, report_path, console)

@@ -32,7 +32,7 @@ from benchmarks.harness import Bench, Job, Shape, Skip, Suite  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "module", [grid_table, harness, machine, memory, report], ids=lambda m: m.__name__
+    "module", [grid_table, harness, machine, memory, report, run], ids=lambda m: m.__name__
 )
 def test_doctests(module):
     result = doctest.testmod(module)
@@ -281,6 +281,19 @@ def test_quick_run_end_to_end(tmp_path):
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert markdown.count("## ") == 3 and "× torch" in markdown
     assert "Cross entropy, forward + backward" in done.stdout
+
+
+def test_update_replaces_the_rows_measured_again(tmp_path):
+    """``--update`` keeps the last run's other rows and records both commands."""
+    argv = ["--quick", "--suite", "ce", "--dtypes", "fp32", "--out", str(tmp_path)]
+    assert run.main([*argv, "--providers", "torch,floor"]) == 0
+    before = json.loads((tmp_path / "ce.json").read_text())
+    assert run.main([*argv, "--providers", "floor", "--update"]) == 0
+    after = json.loads((tmp_path / "ce.json").read_text())
+    assert [row["provider"] for row in after["rows"]] == ["torch", "floor"] * 2
+    assert after["rows"][0::2] == before["rows"][0::2]  # torch's rows kept as they were
+    assert after["command"].count("python benchmarks/run.py") == 2
+    assert "--update" in after["command"].split(" && ")[1]
 
 
 def test_grad_filter_quick_run(tmp_path, monkeypatch):
