@@ -12,7 +12,8 @@ as CUDA's caching allocator keeps its blocks; faulting in and compacting a fresh
 head more than its row pass. The weight gradient it returns is fresh memory each step, and its
 4 KiB pages faulting in cost up to 7% of the head's time on this project's VM; so it comes
 from :func:`cached_empty`, whose mappings stay (resident) after their tensors die and serve the
-next gradient of the same size, as CUDA's caching allocator reuses a freed block.
+next gradient of the same size, as CUDA's caching allocator reuses a freed block; so does the
+weight's packed copy (:mod:`xentkit.kernels.packed_gemm`).
 :func:`empty_cache` (``xentkit.empty_cache()``) returns both.
 
 Example:
@@ -153,7 +154,8 @@ def cached_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 def empty_cache() -> None:
     """Free what the fused LM-head kernels keep between calls on the CPU: the workspace (one
     chunk of logits, :data:`xentkit.kernels.linear_chunked.CHUNK_BYTES` by default) and the
-    mappings of weight gradients no tensor uses any more; the next call maps new ones.
+    mappings of weight gradients and packed weights no tensor uses any more; the next call maps
+    new ones.
 
     Example:
         >>> empty_cache()
