@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from xentkit.kernels import _memory
+from xentkit.kernels.native import _pointer
 
 # The most bytes a packed weight may take (it is kept between calls): 2 GiB packs every
 # float32 weight up to D = 1024 at V = 256000 or D = 4096 at V = 32768.
@@ -69,15 +70,11 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _pointer(tensor: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())
-
-
 class PackedWeight:
     """``weight.T`` packed for products ``hidden @ weight.T`` of up to ``rows`` hidden rows."""
 
     def __init__(self, lib: ctypes.CDLL, weight: Tensor, rows: int, nbytes: int) -> None:
-        self.lib, self.rows = lib, rows
+        self.lib = lib
         self.classes, self.dim = weight.shape
         # The packed copy (float32 elements), kept for the next call's when it is dead.
         self.data = _memory.cached_empty((-(-nbytes // 4),), torch.float32, weight.device)
