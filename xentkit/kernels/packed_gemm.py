@@ -4,15 +4,17 @@ Every chunk of the fused LM head computes :math:`Z = H_{\text{chunk}} W^\top` wi
 ``(V, D)`` weight. A BLAS matrix product first copies ("packs") its operands into the
 cache-blocked layout its inner kernel reads; called once per chunk, it packs all of ``W``
 again each time, a memory-bound copy that made the chunks' logits products take 1.03–1.10×
-the one whole product on this project's 2-core VM (N = 8192, D = 512 to 4096, V = 32768 to
-256000, 1024-row chunks). MKL's packed GEMM API (``cblas_sgemm_pack`` /
-``cblas_sgemm_compute``, exported by the MKL that torch's x86 CPU builds link into
-``libtorch_cpu``) packs ``W`` once; each chunk's product then reads the packed copy, and the
-chunks' products take the time of the whole one (0.995–1.02× in the same check).
+the one whole product on this project's 2-core VM (five shapes, N = 2048 and 8192, D = 512 to
+4096, V = 32768 to 256000, 1024-row chunks; a throwaway check, not kept). MKL's packed GEMM
+API (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, exported by the MKL that torch's x86 CPU
+builds link into ``libtorch_cpu``) packs ``W`` once; each chunk's product then reads the
+packed copy, and the chunks' products take about the time of the whole one (0.995–1.04× in
+the same check).
 
-The packed copy costs memory: about 1.1–1.3× the float32 weight (MKL pads its panels), kept
-between calls like the chunk workspace (:func:`xentkit.kernels._memory.cached_empty`), so it is
-made only where it pays and fits: float32 on the CPU, at least two chunks in the pass, and at
+The packed copy costs memory: 1.06–1.37× the float32 weight at the five shapes checked (MKL
+pads its panels; ``cblas_sgemm_pack_get_size`` says how much), kept between calls like the
+chunk workspace (:func:`xentkit.kernels._memory.cached_empty`), so it is made only where it
+pays and fits: float32 on the CPU, at least two chunks in the pass, and at
 most :data:`MAX_BYTES` packed. Elsewhere (no MKL, another dtype, one chunk) :func:`pack` returns
 None and the caller uses ``torch.mm``. :func:`set_enabled` turns it off.
 
