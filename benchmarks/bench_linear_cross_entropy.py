@@ -29,21 +29,36 @@ from benchmarks.harness import Bench, Shape, Skip, Suite, split_backend
 
 
 def gemm_floor(
-    g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, *heads, logits_over_g: bool = False
+    g: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    *heads,
+    logits_over_g: bool = False,
+    vocab_major: bool = False,
+    grads: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Callable[[], tuple]:
     """The matrix products no head + loss can avoid, each into an output buffer already
     resident (allocated and touched here, so no call pays for faulting its pages in): the
     logits ``h @ w.T`` of each head (``heads``: more ``(h, w)`` pairs, e.g. a teacher's) and
     the two gradients ``g @ w`` and ``g.T @ h`` of the first, for a given ``N x V`` ``g``.
     ``logits_over_g`` writes the logits over ``g`` instead, as a fused head writes its gradient
-    over its logits: one ``N x V`` buffer instead of two, for shapes near the memory's end."""
-    pairs = [(x, y.T) for x, y in ((h, w), *heads)] + [(g, w), (g.T, h)]
-    outs = [
-        g
-        if logits_over_g and k <= len(heads)
-        else torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
-        for k, (a, b) in enumerate(pairs)
-    ]
+    over its logits: one ``N x V`` buffer instead of two, for shapes near the memory's end.
+
+    ``vocab_major`` lays the logits and their gradient out ``V x N`` instead (``g``'s memory
+    read as ``V x N``, ``z``): the products ``w @ h.T``, ``z.T @ w`` and ``z @ h``, the
+    same flops, which BLAS may run at another speed. ``grads`` are the ``N x D`` and ``V x D``
+    buffers the two gradients go into (another floor's, to share them); new ones otherwise."""
+    z = g.view(g.shape[1], g.shape[0]) if vocab_major else g  # the logits' layout
+    if vocab_major:
+        pairs = [(y, x.T) for x, y in ((h, w), *heads)] + [(z.T, w), (z, h)]
+    else:
+        pairs = [(x, y.T) for x, y in ((h, w), *heads)] + [(z, w), (z.T, h)]
+
+    def new(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+
+    logits = [z if logits_over_g else new(a, b) for a, b in pairs[:-2]]
+    outs = [*logits, *(grads or [new(a, b) for a, b in pairs[-2:]])]
     return lambda: tuple(torch.mm(a, b, out=o) for (a, b), o in zip(pairs, outs, strict=True))
 
 

@@ -57,6 +57,9 @@ from benchmarks.machine import describe, machine_info
 from benchmarks.run import DEFAULT_OUT, QUICK_OUT, _shapes, write_section
 from xentkit.kernels import chunked, linear_chunked
 
+# The step of the floor with its logits laid out vocabulary-major (``--vocab-major-floor``).
+VOCAB_MAJOR = "floor V x N"
+
 SHAPES = [Shape(2048, d, v) for d in (512, 1024) for v in (32768, 128256, 256000)]
 QUICK_SHAPES = [Shape(64, 32, 256), Shape(37, 24, 1000)]
 
@@ -120,11 +123,14 @@ def measure(
     chunk_sizes: list[int | None],
     peers: list[str],
     min_seconds: float = 0.0,
+    vocab_major_floor: bool = False,
 ) -> list[dict]:
     """``rounds`` turns of xentkit (once per chunk size), each peer (or part of
     :data:`PARTS`), then the floor, after one warm-up turn, and more turns until they have
     taken ``min_seconds``: one row of per-round ratios to the floor per step; a peer's row
-    also has the per-round ratio of xentkit (its first chunk size) to it."""
+    also has the per-round ratio of xentkit (its first chunk size) to it. With
+    ``vocab_major_floor`` the floor is also measured with its logits laid out ``V x N``, and
+    each round's floor is the faster of the two layouts."""
     variants = [("xentkit", chunk) for chunk in chunk_sizes] + [(peer, None) for peer in peers]
     inputs = linear.random_inputs(shape, torch.float32)
     g = torch.randn(shape.n, shape.v)
@@ -138,7 +144,13 @@ def measure(
         except Skip as why:
             print(f"{provider} left out: {why}", flush=True)
     h, w, _ = inputs
-    steps["floor"] = linear.gemm_floor(g, h.detach(), w.detach(), logits_over_g=True)
+    h, w = h.detach(), w.detach()
+    grads = torch.zeros_like(h), torch.zeros_like(w)  # shared by both floors
+    steps["floor"] = linear.gemm_floor(g, h, w, logits_over_g=True, grads=grads)
+    if vocab_major_floor:
+        steps[VOCAB_MAJOR] = linear.gemm_floor(
+            g, h, w, logits_over_g=True, vocab_major=True, grads=grads
+        )
     wall: dict = {name: [] for name in steps}
     cpu: dict = {name: [] for name in steps}
 
@@ -156,6 +168,13 @@ def measure(
     spent = sum(turn(record=True) for _ in range(rounds))
     while spent < min_seconds:
         spent += turn(record=True)
+    layouts = {}
+    if vocab_major_floor:
+        for clock, times in (("wall", wall), ("cpu", cpu)):
+            layouts[clock] = {"N x V": statistics.median(times["floor"])}
+            layouts[clock]["V x N"] = statistics.median(times[VOCAB_MAJOR])
+            # Each round's floor: the faster layout's.
+            times["floor"] = list(map(min, times["floor"], times[VOCAB_MAJOR]))
     rows = []
     for k, (provider, chunk) in enumerate(variants):
         if k not in steps:
@@ -173,6 +192,8 @@ def measure(
                 "time_s": statistics.median(times[k]),
                 "floor_s": statistics.median(times["floor"]),
             }
+            if layouts:
+                row[clock]["floor_layouts_s"] = layouts[clock]
             if provider != "xentkit" and provider not in PARTS:
                 row[clock]["xentkit_ratio"] = statistics.median(_ratios(times[0], times[k]))
         rows.append(row)
@@ -195,7 +216,9 @@ def markdown(data: dict, image: str) -> str:
         "",
         f"- command: `{data['command']}`",
         f"- machine: {describe(data['machine'])}",
-        f"- floor: {linear.FLOOR_TEXT}",
+        f"- floor: {linear.FLOOR_TEXT}; where its cell names two layouts "
+        "(`--vocab-major-floor`), the products were also timed with the logits and their "
+        "gradient laid out V x N, and each round's floor is the faster layout's",
         f"- {data['rounds']} rounds per shape after a warm-up (more where they would take "
         f"under {data.get('min_seconds', 0):g} s: the rounds column), xentkit, its peers and the "
         "floor taking turns in one process; each ratio is the median of the per-round ratios "
@@ -209,9 +232,10 @@ def markdown(data: dict, image: str) -> str:
     for row in data["rows"]:
         wall, cpu = row["wall"], row["cpu"]
         versus = f"{wall['xentkit_ratio']:.3f}×" if "xentkit_ratio" in wall else "—"
+        layouts = ", ".join(f"{k} {t:.2f} s" for k, t in wall.get("floor_layouts_s", {}).items())
+        floor = f"{wall['floor_s']:.2f} s" + (f" ({layouts})" if layouts else "")
         lines.append(
-            f"| {_label(row)} | {row['rounds']} | {wall['time_s']:.2f} s "
-            f"| {wall['floor_s']:.2f} s | "
+            f"| {_label(row)} | {row['rounds']} | {wall['time_s']:.2f} s | {floor} | "
             f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | "
             f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} | {versus} |"
         )
@@ -298,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated tokens per chunk of xentkit's rows, 'auto' for the default",
     )
     p.add_argument(
+        "--vocab-major-floor",
+        action="store_true",
+        help="also time the floor with the logits laid out V x N; each round's floor is then "
+        "the faster layout's",
+    )
+    p.add_argument(
         "--update",
         action="store_true",
         help="keep the rows of the suite's last run and replace those of the shapes measured now",
@@ -322,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         data = _updating(out / f"{suite}.json", data)
     others = list(PARTS) if args.parts else args.providers
     for k, shape in enumerate(shapes, 1):
-        rows = measure(shape, rounds, args.chunk_sizes, others, args.min_seconds)
+        rows = measure(
+            shape, rounds, args.chunk_sizes, others, args.min_seconds, args.vocab_major_floor
+        )
         data["rows"] = _replace(data["rows"], rows)
         for row in rows:
             print(f"{_label(row)}: {row['wall']['ratio']:.3f}x the floor (wall)", flush=True)

@@ -1,7 +1,9 @@
-"""The README's table of issue 10's grid, made from two runs' JSON: per shape, xentkit's time
+"""The README's table of issue 10's grid, made from three runs' JSON: per shape, xentkit's time
 over its floor measured in alternation (``paired.json``, :mod:`benchmarks.bench_paired`), and
 xentkit's time over each peer's with everyone's extra memory, each provider in its own process
-(``linear_grid.json``, ``python benchmarks/run.py --suite linear_grid``).
+(``linear_grid.json``, ``python benchmarks/run.py --suite linear_grid``). Where a peer also
+ran in alternation with xentkit (``paired_peers.json``, ``bench_paired --providers``), its
+ratio comes from there, marked ``†``: one call per process says less on a VM with slow spells.
 
 ``python -m benchmarks.grid_table [--out DIR]`` prints the markdown; nothing is measured. A
 shape one run did not measure reads ``—``; a provider that ran out of memory ``OOM``.
@@ -28,7 +30,7 @@ def _seconds(value: float) -> str:
     return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
 
 
-def table(paired: dict | None, grid: dict | None) -> str:
+def table(paired: dict | None, grid: dict | None, peers: dict | None = None) -> str:
     """The markdown table and, under it, the command of each run it is made from.
 
     Example:
@@ -39,19 +41,26 @@ def table(paired: dict | None, grid: dict | None) -> str:
         ...     {"n": 1, "d": 2, "v": 3, "provider": "xentkit", "status": "ok",
         ...      "median": 1000.0, "peak_mib": 10.0},
         ...     {"n": 1, "d": 2, "v": 3, "provider": "torch", "status": "OOM"}]}
-        >>> print(table(paired, grid))  # doctest: +NORMALIZE_WHITESPACE
+        >>> peers = {"command": "Q", "rows": [{"n": 1, "d": 2, "v": 3, "provider": "cce",
+        ...     "wall": {"xentkit_ratio": 0.9}}]}
+        >>> print(table(paired, grid, peers))  # doctest: +NORMALIZE_WHITESPACE
         | N, D, V | xentkit | floor | × floor (p20–p80) | xentkit ÷ torch eager
           | xentkit ÷ torch.compile | xentkit ÷ CCE | extra MiB: xentkit / torch eager
           / torch.compile / CCE |
         |---|---:|---:|---:|---:|---:|---:|---:|
-        | 1, 2, 3 | 1.02 s | 1.00 s | 1.020× (1.010–1.030) | OOM | — | — | 10 / OOM / — / — |
+        | 1, 2, 3 | 1.02 s | 1.00 s | 1.020× (1.010–1.030) | OOM | — | 0.900׆ | 10 / OOM / — / — |
         <BLANKLINE>
-        × floor: `P`; the peers and memory: `G`
+        × floor: `P`; the peers and memory: `G`; † in alternation: `Q`
     """
     floor_rows = {
         _shape(row): row["wall"]
         for row in (paired or {}).get("rows", [])
         if row["provider"] == "xentkit" and row["chunk_size"] == "auto"
+    }
+    alternating = {
+        (_shape(row), row["provider"]): row["wall"]["xentkit_ratio"]
+        for row in (peers or {}).get("rows", [])
+        if "xentkit_ratio" in row["wall"]
     }
     grid_rows: dict[tuple[int, int, int], dict[str, dict]] = {}
     for row in (grid or {}).get("rows", []):
@@ -63,7 +72,7 @@ def table(paired: dict | None, grid: dict | None) -> str:
         + f" | extra MiB: {names} |",
         "|---|---:|---:|---:|" + "---:|" * (len(PEERS) + 1),
     ]
-    for shape in sorted(floor_rows.keys() | grid_rows.keys()):
+    for shape in sorted(floor_rows.keys() | grid_rows.keys() | {s for s, _ in alternating}):
         wall = floor_rows.get(shape)
         cells = [", ".join(map(str, shape))]
         if wall is None:
@@ -78,7 +87,9 @@ def table(paired: dict | None, grid: dict | None) -> str:
         ours = rows.get("xentkit", {})
         for peer in PEERS:
             row = rows.get(peer)
-            if row is None or ours.get("status") != "ok":
+            if (shape, peer) in alternating:
+                cells.append(f"{alternating[shape, peer]:.3f}׆")
+            elif row is None or ours.get("status") != "ok":
                 cells.append("—")
             elif row["status"] != "ok":
                 cells.append(row["status"])
@@ -96,6 +107,8 @@ def table(paired: dict | None, grid: dict | None) -> str:
         sources.append(f"× floor: `{paired['command']}`")
     if grid:
         sources.append(f"the peers and memory: `{grid['command']}`")
+    if alternating:
+        sources.append(f"† in alternation: `{peers['command']}`")
     return "\n".join(lines) + "\n\n" + "; ".join(sources)
 
 
@@ -107,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.grid_table")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     args = p.parse_args(argv)
-    print(table(_load(args.out / "paired.json"), _load(args.out / "linear_grid.json")))
+    runs = ("paired.json", "linear_grid.json", "paired_peers.json")
+    print(table(*(_load(args.out / name) for name in runs)))
     return 0
 
 

@@ -349,6 +349,14 @@ def test_paired_quick_run(tmp_path, monkeypatch):
     ]
     assert updated["rows"][1:] == data["rows"][2:]
     assert updated["command"].startswith(data["command"] + " && ")
+    # --vocab-major-floor: both layouts' floors timed, each round's ratio over the faster one
+    assert bench_paired.main(["--quick", "--vocab-major-floor", "--shapes", "64x32x256"]) == 0
+    data = json.loads((tmp_path / "paired.json").read_text())
+    for clock in ("wall", "cpu"):
+        floor = data["rows"][0][clock]
+        assert set(floor["floor_layouts_s"]) == {"N x V", "V x N"}
+        assert floor["floor_s"] <= min(floor["floor_layouts_s"].values())
+    assert "(N x V " in (tmp_path / "paired.md").read_text()
     # with a peer: its own files, and xentkit's time over the peer's in each peer row
     assert bench_paired.main(["--quick", "--providers", "torch"]) == 0
     data = json.loads((tmp_path / "paired_peers.json").read_text())
@@ -378,6 +386,22 @@ def test_gemm_floor_computes_the_three_products(logits_over_g):
     used = logits if logits_over_g else given
     torch.testing.assert_close(grad_h, used @ w)
     torch.testing.assert_close(grad_w, used.T @ h)
+
+
+def test_gemm_floor_vocab_major_lays_the_logits_out_v_by_n():
+    """``vocab_major``: the same products with the logits (over ``g``'s memory) and their
+    gradient laid out V x N; ``grads`` are the gradients' buffers, shared with another floor."""
+    h, w, g = torch.randn(6, 4), torch.randn(10, 4), torch.randn(6, 10)
+    grads = torch.empty(6, 4), torch.empty(10, 4)
+    floor = bench_linear_cross_entropy.gemm_floor(
+        g, h, w, logits_over_g=True, vocab_major=True, grads=grads
+    )
+    logits, grad_h, grad_w = floor()
+    assert logits.shape == (10, 6) and logits.data_ptr() == g.data_ptr()
+    torch.testing.assert_close(logits, w @ h.T)
+    torch.testing.assert_close(grad_h, logits.T @ w)
+    torch.testing.assert_close(grad_w, logits @ h)
+    assert grad_h is grads[0] and grad_w is grads[1]
 
 
 def test_grid_table_reads_both_runs(tmp_path, capsys):
