@@ -53,7 +53,7 @@ import torch
 
 from benchmarks import bench_linear_cross_entropy as linear
 from benchmarks.harness import Shape, Skip
-from benchmarks.machine import describe, machine_info
+from benchmarks.machine import describe, kept_rows_line, machine_info
 from benchmarks.run import DEFAULT_OUT, QUICK_OUT, _shapes, write_section
 from xentkit.kernels import chunked, linear_chunked
 
@@ -216,6 +216,7 @@ def markdown(data: dict, image: str) -> str:
         "",
         f"- command: `{data['command']}`",
         f"- machine: {describe(data['machine'])}",
+        *filter(None, [kept_rows_line(data)]),
         f"- floor: {linear.FLOOR_TEXT}; where its cell names two layouts "
         "(`--vocab-major-floor`), the products were also timed with the logits and their "
         "gradient laid out V x N, and each round's floor is the faster layout's",
@@ -271,9 +272,12 @@ def plot(data: dict, path: Path) -> Path:
 
 def _updating(path: Path, data: dict) -> dict:
     """``data`` holding the rows of the last run written to ``path`` (each with its number of
-    rounds), its command that run's followed by this one's."""
+    rounds and the machine it ran on), its command that run's followed by this one's."""
     previous = json.loads(path.read_text())
-    rows = [{"rounds": previous["rounds"], **row} for row in previous["rows"]]
+    rows = [
+        {"rounds": previous["rounds"], "machine": previous["machine"], **row}
+        for row in previous["rows"]
+    ]
     return {**data, "command": f"{previous['command']} && {data['command']}", "rows": rows}
 
 

@@ -1,4 +1,6 @@
-"""What the numbers were measured on: CPU, cores, memory, versions, commit and date."""
+"""What the numbers were measured on: CPU, its caches, cores, memory, versions, commit and
+date. A cloud VM's "Intel(R) Xeon(R) Processor" can be another host from one session to the
+next (this project's has had a 504 MiB and a 105 MiB L3), so the cache sizes tell them apart."""
 
 from __future__ import annotations
 
@@ -26,6 +28,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cache_kib() -> dict[str, int]:
+    """The size in KiB of one instance of each cache level (Linux ``/sys``), e.g.
+    ``{"L1d": 48, "L1i": 32, "L2": 2048, "L3": 107520}``; empty where unknown."""
+    sizes = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        if size.endswith("K"):
+            sizes[f"L{level}{suffix}"] = int(size[:-1])
+    return sizes
 
 
 def _commit() -> str | None:
@@ -56,6 +73,7 @@ def machine_info() -> dict:
     total = memory.total_memory()
     return {
         "cpu": cpu_model(),
+        "cache_kib": cache_kib(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -70,6 +88,24 @@ def machine_info() -> dict:
     }
 
 
+def kept_rows_line(data: dict) -> str | None:
+    """The markdown line naming the machines of the rows an ``--update`` run kept from earlier
+    runs (each such row carries its run's ``machine``), None when every row is this run's.
+
+    Example:
+        >>> this = {"cpu": "B", "cores": 2, "torch_threads": 2, "memory_gib": 1, "torch": "t",
+        ...         "xentkit": "x", "date": "d2"}
+        >>> rows = [{"machine": {**this, "cpu": "A", "date": "d1"}}, {}]
+        >>> kept_rows_line({"machine": this, "rows": rows})[:60]
+        '- rows kept from earlier runs (`--update`) were measured on:'
+    """
+    earlier = dict.fromkeys(describe(row["machine"]) for row in data["rows"] if "machine" in row)
+    earlier.pop(describe(data["machine"]), None)
+    if not earlier:
+        return None
+    return "- rows kept from earlier runs (`--update`) were measured on: " + "; ".join(earlier)
+
+
 def describe(info: dict) -> str:
     """One line for tables and RESULTS.md.
 
@@ -77,9 +113,15 @@ def describe(info: dict) -> str:
         >>> describe({"cpu": "AMD EPYC", "cores": 2, "torch_threads": 2, "memory_gib": 23.5,
         ...           "torch": "2.13.0", "xentkit": "0.1.0", "date": "2025-01-01"})
         'AMD EPYC, 2 cores (2 torch threads), 23.5 GiB RAM, torch 2.13.0, xentkit 0.1.0, 2025-01-01'
+        >>> describe({"cpu": "Xeon", "cache_kib": {"L2": 2048, "L3": 107520}, "cores": 2,
+        ...           "torch_threads": 2, "memory_gib": 23.5, "torch": "2.13.0",
+        ...           "xentkit": "0.1.0", "date": "2025-01-01"})[:40]
+        'Xeon (L3 105 MiB), 2 cores (2 torch thre'
     """
+    l3 = info.get("cache_kib", {}).get("L3")
+    cpu = info["cpu"] if l3 is None else f"{info['cpu']} (L3 {l3 / 1024:g} MiB)"
     return (
-        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"{cpu}, {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"{info['memory_gib']} GiB RAM, torch {info['torch']}, xentkit {info['xentkit']}, "
         f"{info['date']}"
     )

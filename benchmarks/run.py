@@ -318,18 +318,23 @@ def updated(previous: dict, data: dict) -> dict:
     Example:
         >>> row = lambda provider, median: {"case": "N=1", "dtype": "float32",
         ...                                 "provider": provider, "median": median}
-        >>> old = {"command": "A", "providers": ["x", "y"], "rows": [row("x", 1), row("y", 2)]}
+        >>> old = {"command": "A", "providers": ["x", "y"], "machine": "M",
+        ...        "rows": [row("x", 1), row("y", 2)]}
         >>> new = {"command": "B", "providers": ["x"], "rows": [row("x", 3)]}
         >>> merged = updated(old, new)
         >>> merged["command"], merged["providers"], [r["median"] for r in merged["rows"]]
         ('A && B', ['x', 'y'], [3, 2])
+        >>> [r.get("machine") for r in merged["rows"]]
+        [None, 'M']
     """
 
     def key(row: dict) -> tuple:
         return row["case"], row["dtype"], row["provider"]
 
     new = {key(row): row for row in data["rows"]}
-    rows = [new.pop(key(row), row) for row in previous["rows"]] + list(new.values())
+    machine = previous["machine"]  # a kept row keeps the machine it ran on
+    rows = [new.pop(key(row), {"machine": machine, **row}) for row in previous["rows"]]
+    rows += new.values()
     providers = list(dict.fromkeys([*previous["providers"], *data["providers"]]))
     command = f"{previous['command']} && {data['command']}"
     return {**data, "command": command, "providers": providers, "rows": rows}

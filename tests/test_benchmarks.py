@@ -291,7 +291,11 @@ def test_update_replaces_the_rows_measured_again(tmp_path):
     assert run.main([*argv, "--providers", "floor", "--update"]) == 0
     after = json.loads((tmp_path / "ce.json").read_text())
     assert [row["provider"] for row in after["rows"]] == ["torch", "floor"] * 2
-    assert after["rows"][0::2] == before["rows"][0::2]  # torch's rows kept as they were
+    # torch's rows kept as they were, each with the machine of the run that measured it
+    assert after["rows"][0::2] == [
+        {"machine": before["machine"], **r} for r in before["rows"][0::2]
+    ]
+    assert not any("machine" in row for row in after["rows"][1::2])
     assert after["command"].count("python benchmarks/run.py") == 2
     assert "--update" in after["command"].split(" && ")[1]
 
@@ -347,7 +351,7 @@ def test_paired_quick_run(tmp_path, monkeypatch):
         ("N=37 D=24 V=1000", "auto"),
         ("N=37 D=24 V=1000", 16),
     ]
-    assert updated["rows"][1:] == data["rows"][2:]
+    assert updated["rows"][1:] == [{"machine": data["machine"], **r} for r in data["rows"][2:]]
     assert updated["command"].startswith(data["command"] + " && ")
     # --vocab-major-floor: both layouts' floors timed, each round's ratio over the faster one
     assert bench_paired.main(["--quick", "--vocab-major-floor", "--shapes", "64x32x256"]) == 0
