@@ -3,7 +3,14 @@ over its floor measured in alternation (``paired.json``, :mod:`benchmarks.bench_
 xentkit's time over each peer's with everyone's extra memory, each provider in its own process
 (``linear_grid.json``, ``python benchmarks/run.py --suite linear_grid``). Where a peer also
 ran in alternation with xentkit (``paired_peers.json``, ``bench_paired --providers``), its
-ratio comes from there, marked ``†``: one call per process says less on a VM with slow spells.
+ratio comes from there, marked ``†``: one call per process says less on a VM with slow spells;
+a shape ``paired.json`` lacks takes its floor ratio from there too. Where the floor was also
+timed with the logits laid out ``V x N`` (``--vocab-major-floor``), the floor is the faster
+layout's and its cell names that layout.
+
+A cloud VM can be another host from one session to the next: ``--l3 MIB`` keeps only the rows
+measured on a CPU whose L3 cache (as :func:`benchmarks.machine.cache_kib` recorded it) has that
+size, so one table never mixes hosts.
 
 ``python -m benchmarks.grid_table [--out DIR]`` prints the markdown; nothing is measured. A
 shape one run did not measure reads ``—``; a provider that ran out of memory ``OOM``.
@@ -30,7 +37,32 @@ def _seconds(value: float) -> str:
     return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
 
 
-def table(paired: dict | None, grid: dict | None, peers: dict | None = None) -> str:
+def _rows(data: dict | None, l3_mib: float | None) -> list[dict]:
+    """``data``'s rows; with ``l3_mib``, only those measured where the L3 was that many MiB (a
+    row an ``--update`` run kept carries its own run's ``machine``)."""
+    if data is None:
+        return []
+
+    def l3(row: dict) -> float | None:
+        kib = row.get("machine", data.get("machine", {})).get("cache_kib", {}).get("L3")
+        return None if kib is None else kib / 1024
+
+    return [row for row in data["rows"] if l3_mib is None or l3(row) == l3_mib]
+
+
+def _floor(wall: dict) -> str:
+    """The floor's time, with its layout when both were timed."""
+    layouts = wall.get("floor_layouts_s")
+    text = _seconds(wall["floor_s"])
+    return text if not layouts else f"{text} ({min(layouts, key=layouts.get)})"
+
+
+def table(
+    paired: dict | None,
+    grid: dict | None,
+    peers: dict | None = None,
+    l3_mib: float | None = None,
+) -> str:
     """The markdown table and, under it, the command of each run it is made from.
 
     Example:
@@ -50,20 +82,21 @@ def table(paired: dict | None, grid: dict | None, peers: dict | None = None) -> 
         |---|---:|---:|---:|---:|---:|---:|---:|
         | 1, 2, 3 | 1.02 s | 1.00 s | 1.020× (1.010–1.030) | OOM | — | 0.900׆ | 10 / OOM / — / — |
         <BLANKLINE>
-        × floor: `P`; the peers and memory: `G`; † in alternation: `Q`
+        × floor: `P`; the peers and memory: `G`; † in alternation (and × floor at shapes the
+        first lacks): `Q`
     """
     floor_rows = {
         _shape(row): row["wall"]
-        for row in (paired or {}).get("rows", [])
+        for row in _rows(peers, l3_mib) + _rows(paired, l3_mib)  # paired.json's first
         if row["provider"] == "xentkit" and row["chunk_size"] == "auto"
     }
     alternating = {
         (_shape(row), row["provider"]): row["wall"]["xentkit_ratio"]
-        for row in (peers or {}).get("rows", [])
+        for row in _rows(peers, l3_mib)
         if "xentkit_ratio" in row["wall"]
     }
     grid_rows: dict[tuple[int, int, int], dict[str, dict]] = {}
-    for row in (grid or {}).get("rows", []):
+    for row in _rows(grid, l3_mib):
         grid_rows.setdefault(_shape(row), {})[row["provider"]] = row
     names = " / ".join(["xentkit", *(PEER_NAMES[p] for p in PEERS)])
     lines = [
@@ -80,7 +113,7 @@ def table(paired: dict | None, grid: dict | None, peers: dict | None = None) -> 
         else:
             cells += [
                 _seconds(wall["time_s"]),
-                _seconds(wall["floor_s"]),
+                _floor(wall),
                 f"{wall['ratio']:.3f}× ({wall['p20']:.3f}–{wall['p80']:.3f})",
             ]
         rows = grid_rows.get(shape, {})
@@ -108,7 +141,9 @@ def table(paired: dict | None, grid: dict | None, peers: dict | None = None) -> 
     if grid:
         sources.append(f"the peers and memory: `{grid['command']}`")
     if alternating:
-        sources.append(f"† in alternation: `{peers['command']}`")
+        sources.append(
+            f"† in alternation (and × floor at shapes the first lacks): `{peers['command']}`"
+        )
     return "\n".join(lines) + "\n\n" + "; ".join(sources)
 
 
@@ -119,9 +154,14 @@ def _load(path: Path) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.grid_table")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    p.add_argument(
+        "--l3",
+        type=float,
+        help="only rows measured on a CPU whose L3 cache had this many MiB",
+    )
     args = p.parse_args(argv)
     runs = ("paired.json", "linear_grid.json", "paired_peers.json")
-    print(table(*(_load(args.out / name) for name in runs)))
+    print(table(*(_load(args.out / name) for name in runs), l3_mib=args.l3))
     return 0
 
 
