@@ -48,10 +48,11 @@ def gemm_floor(
     read as ``V x N``, ``z``): the products ``w @ h.T``, ``z.T @ w`` and ``z @ h``, the
     same flops, which BLAS may run at another speed. ``grads`` are the ``N x D`` and ``V x D``
     buffers the two gradients go into (another floor's, to share them); new ones otherwise."""
-    z = g.view(g.shape[1], g.shape[0]) if vocab_major else g  # the logits' layout
-    if vocab_major:
+    if vocab_major:  # z: the logits' (and their gradient's) layout
+        z = g.view(g.shape[1], g.shape[0])
         pairs = [(y, x.T) for x, y in ((h, w), *heads)] + [(z.T, w), (z, h)]
     else:
+        z = g
         pairs = [(x, y.T) for x, y in ((h, w), *heads)] + [(z, w), (z.T, h)]
 
     def new(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ import torch
 
 from benchmarks import bench_linear_cross_entropy as linear
 from benchmarks.harness import Shape, Skip
-from benchmarks.machine import describe, kept_rows_line, machine_info
+from benchmarks.machine import describe, kept_rows_lines, machine_info
 from benchmarks.run import DEFAULT_OUT, QUICK_OUT, _shapes, write_section
 from xentkit.kernels import chunked, linear_chunked
 
@@ -216,7 +216,7 @@ def markdown(data: dict, image: str) -> str:
         "",
         f"- command: `{data['command']}`",
         f"- machine: {describe(data['machine'])}",
-        *filter(None, [kept_rows_line(data)]),
+        *kept_rows_lines(data),
         f"- floor: {linear.FLOOR_TEXT}; where its cell names two layouts "
         "(`--vocab-major-floor`), the products were also timed with the logits and their "
         "gradient laid out V x N, and each round's floor is the faster layout's",

@@ -88,22 +88,22 @@ def machine_info() -> dict:
     }
 
 
-def kept_rows_line(data: dict) -> str | None:
+def kept_rows_lines(data: dict) -> list[str]:
     """The markdown line naming the machines of the rows an ``--update`` run kept from earlier
-    runs (each such row carries its run's ``machine``), None when every row is this run's.
+    runs (each such row carries its run's ``machine``); no line when every row is this run's.
 
     Example:
         >>> this = {"cpu": "B", "cores": 2, "torch_threads": 2, "memory_gib": 1, "torch": "t",
         ...         "xentkit": "x", "date": "d2"}
         >>> rows = [{"machine": {**this, "cpu": "A", "date": "d1"}}, {}]
-        >>> kept_rows_line({"machine": this, "rows": rows})[:60]
+        >>> kept_rows_lines({"machine": this, "rows": rows})[0][:60]
         '- rows kept from earlier runs (`--update`) were measured on:'
     """
     earlier = dict.fromkeys(describe(row["machine"]) for row in data["rows"] if "machine" in row)
     earlier.pop(describe(data["machine"]), None)
     if not earlier:
-        return None
-    return "- rows kept from earlier runs (`--update`) were measured on: " + "; ".join(earlier)
+        return []
+    return ["- rows kept from earlier runs (`--update`) were measured on: " + "; ".join(earlier)]
 
 
 def describe(info: dict) -> str:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.harness import split_backend
-from benchmarks.machine import describe, kept_rows_line
+from benchmarks.machine import describe, kept_rows_lines
 
 SUITE_ORDER = (
     "ce", "linear", "linear_grid", "scale", "explain", "log_probs", "distill", "trl_log_probs",
@@ -226,7 +226,7 @@ def markdown(results: list[dict], plots: dict[str, Path], report: Path) -> str:
         parts += ["", f"## {data['title']}", ""]
         parts += [f"- command: `{data['command']}`"]
         parts += [f"- machine: {describe(data['machine'])}"]
-        parts += list(filter(None, [kept_rows_line(data)]))
+        parts += kept_rows_lines(data)
         if data.get("floor_text"):
             parts += [f"- floor: {data['floor_text']}"]
         parts += [f"- repeats: {settings['repeats']}, warm-up calls: {settings['warmup']}"]
