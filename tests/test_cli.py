@@ -1,7 +1,10 @@
-"""The ``xentkit`` command, end to end through ``python -m xentkit`` (each command once, all
-started together since each process spends most of its time importing torch), and its
-parsing and error paths in-process through ``main``."""
+"""The ``xentkit`` command: its entry point through ``python -m xentkit`` (``--help``, and
+``bench``, which starts a process of its own), every other command line through ``main`` in
+this process (a process would spend most of its time importing torch), output captured as
+the terminal would show it."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -16,9 +19,21 @@ from xentkit import cli
 LOGITS = "[[1, 0.5, 2], [0.5, 3, 1]]"
 
 
+def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``xentkit ARGV`` run by ``cli.main``: its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_:  # argparse's errors and --help
+            code = exit_.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every command line below, run concurrently: name -> CompletedProcess-like result."""
+    """Every command line below, name -> CompletedProcess: those in ``processes`` started as
+    processes, the others run in this process while those import torch."""
     tmp = tmp_path_factory.mktemp("cli")
     torch.save(torch.tensor([[1.0, 0.5, 2.0], [0.5, 3.0, 1.0]]).log_softmax(1), tmp / "lp.pt")
     torch.save(torch.tensor([2, 1]), tmp / "target.pt")
@@ -37,18 +52,19 @@ def runs(tmp_path_factory):
         "check": ["check", "--cases", "72", "--seed", "1"],
         "bench_help": ["bench", "--help"],
     }  # fmt: skip
+    processes = {"help", "bench_help"}
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "xentkit", *argv],
+            [sys.executable, "-m", "xentkit", *commands[name]],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             encoding="utf-8",
             cwd=tmp,
         )
-        for name, argv in commands.items()
+        for name in processes
     }
-    results = {}
+    results = {name: _in_process(argv) for name, argv in commands.items() if name not in processes}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing
 import re
 from collections.abc import Callable
 from datetime import timedelta
@@ -93,11 +94,25 @@ def _entry(rank: int, world_size: int, store: str, worker: Callable) -> None:
     )
 
 
+# The ranks fork from one server per test process that imported these first: a spawned rank
+# spends ~10 s of CPU importing torch and torch._dynamo (the first custom-op call imports it),
+# many times over on a 2-core machine; a forked one none. The server forks before any thread
+# or OpenMP region exists, so forking is safe.
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed.tensor", "xentkit", "hypothesis"]
+
+
+def _start(world_size: int, store: str, worker: Callable) -> None:
+    multiprocessing.set_forkserver_preload(_PRELOAD)  # ignored once the server runs
+    mp.start_processes(
+        _entry, args=(world_size, store, worker), nprocs=world_size, start_method="forkserver"
+    )
+
+
 def _spawn(tmp_path, world_size: int, worker: Callable) -> None:
     """Run ``worker(checks, rank, world_size)`` on ``world_size`` gloo ranks (a module-level
     function: the ranks import it by name); fail with every rank's failed checks."""
     try:
-        mp.spawn(_entry, args=(world_size, str(tmp_path / "store"), worker), nprocs=world_size)
+        _start(world_size, str(tmp_path / "store"), worker)
     except mp.ProcessExitedException as error:
         # A rank aborting in C++ ("terminate called without an active exception", SIGABRT, no
         # Python traceback) was seen once in a full run on a loaded 2-core machine, as in
@@ -105,7 +120,7 @@ def _spawn(tmp_path, world_size: int, worker: Callable) -> None:
         # more on a fresh store; a failed check raises in its rank (not SIGABRT) and fails.
         if error.signal_name != "SIGABRT":
             raise
-        mp.spawn(_entry, args=(world_size, str(tmp_path / "again"), worker), nprocs=world_size)
+        _start(world_size, str(tmp_path / "again"), worker)
 
 
 # ---------------------------------------------------------------- inputs shared by every rank
