@@ -212,6 +212,6 @@ def test_cuda_chunks_are_sized_for_the_matrix_products():
     assert linear_chunked.auto_chunk_size(128256, 4096, bf16, "cuda") == 4096
     assert linear_chunked.auto_chunk_size(256000, 4096, bf16, "cuda") == 2048
     assert linear_chunked.auto_chunk_size(2**22, 4096, torch.float32, "cuda") == 1024
-    assert linear_chunked.auto_chunk_size(128256, 4096, bf16) == 1024  # CPU: MIN_CHUNK_ROWS
-    assert linear_chunked.auto_chunk_size(128256, 256, bf16) == 1024
+    assert linear_chunked.auto_chunk_size(128256, 4096, bf16) == 2048  # CPU: MIN_CHUNK_ROWS
+    assert linear_chunked.auto_chunk_size(128256, 256, bf16) == 2048
     assert linear_chunked.auto_chunk_size(8192, 256, bf16) == 7680  # CHUNK_BYTES

@@ -64,12 +64,18 @@ from xentkit.kernels.chunked import loss_and_grad
 # 2048x512x32768,2048x512x128256,2048x512x256000,8192x512x32768 --rounds 3 --chunk-sizes
 # auto,1024,2048` on the project's 2-core VM (run at 0671813, when the minimum was 512 rows
 # and D up to 1024), 1024-row chunks took 1.07x, 1.06x, 1.05x and 1.01x the three whole
-# products against 1.07x, 1.14x, 1.12x and 1.05x for the 512 to 683 rows chosen then, and
-# 2048-row chunks 1.04x, 1.04x, 1.10x and 1.03x. So the minimum is 1024 rows: 1000 MiB of
-# float32 logits at V = 256000, half of what torch's N=2048 logits and gradient take. One such
-# buffer is used (the gradient overwrites the logits), whatever the number of tokens.
+# products against 1.07x, 1.14x, 1.12x and 1.05x for the 512 to 683 rows chosen then. On a
+# host of that VM with 105 MiB of L3 (at 94dddc5, `--chunk-sizes auto,2048,4096` or
+# `auto,2048` with `--vocab-major-floor`, auto then 1024 rows), 2048-row chunks took 1.016x
+# (against 1.080x for 1024) at 8192x512x128256, 1.055x (1.112x) at 8192x1024x128256, 1.041x
+# (1.056x) at 2048x512x128256, 1.064x (1.110x) at 2048x512x256000, and as long at
+# 8192x512x256000 (1.092x, 1.093x) and at V = 32768 (1.065x/1.068x, 1.077x/1.005x at N = 8192,
+# D = 1024/512, three noisy rounds each): fewer chunks re-read the weight and the (V, D)
+# weight-gradient accumulator fewer times. So the minimum is 2048 rows: 2000 MiB of float32
+# logits at V = 256000, what torch's N=2048 logits alone take. One such buffer is used (the
+# gradient overwrites the logits), whatever the number of tokens; `chunk_size=1024` halves it.
 CHUNK_BYTES = 128 * 2**20
-MIN_CHUNK_ROWS = 1024
+MIN_CHUNK_ROWS = 2048
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
 # writes the float32 (V, D) weight-gradient accumulator (about 12 bytes per entry with the
 # half-precision partial product) while doing 6 m V D flops, which at ~700 TFLOP/s and
@@ -99,11 +105,11 @@ def auto_chunk_size(
 
     Example:
         >>> auto_chunk_size(32768, 512, torch.float32)
-        1024
+        2048
         >>> auto_chunk_size(8192, 512, torch.float32)
         3616
         >>> auto_chunk_size(128256, 4096, torch.bfloat16)
-        1024
+        2048
         >>> auto_chunk_size(128256, 4096, torch.bfloat16, "cuda")
         4096
     """
