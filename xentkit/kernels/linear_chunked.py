@@ -11,8 +11,9 @@ the logits), and that gradient is pushed through the head at once:
           \quad \nabla_b \mathrel{+}= \textstyle\sum_{\text{rows}} G
 
 so the extra memory is one chunk of logits plus the float32 weight gradient, whatever ``M``
-is: about :data:`CHUNK_BYTES` on the CPU (kept between calls as a workspace,
-:func:`xentkit.kernels._memory.workspace`), traded for speed by ``chunk_size``. On the CPU in
+is: about :data:`CHUNK_BYTES`, at least :data:`MIN_CHUNK_ROWS` tokens, on the CPU (kept
+between calls as a workspace, :func:`xentkit.kernels._memory.workspace`), traded for speed
+by ``chunk_size``. On the CPU in
 float32 the chunks' logits products read the weight packed once per pass
 (:mod:`xentkit.kernels.packed_gemm`, up to 2 GiB more, also kept) rather than each packing it
 again.
