@@ -13,10 +13,9 @@ the logits), and that gradient is pushed through the head at once:
 so the extra memory is one chunk of logits plus the float32 weight gradient, whatever ``M``
 is: about :data:`CHUNK_BYTES`, at least :data:`MIN_CHUNK_ROWS` tokens, on the CPU (kept
 between calls as a workspace, :func:`xentkit.kernels._memory.workspace`), traded for speed
-by ``chunk_size``. On the CPU in
-float32 the chunks' logits products read the weight packed once per pass
-(:mod:`xentkit.kernels.packed_gemm`, up to 2 GiB more, also kept) rather than each packing it
-again.
+by ``chunk_size``. On the CPU in float32 the chunks' logits products read the weight packed
+once per pass (:mod:`xentkit.kernels.packed_gemm`, up to 2 GiB more, also kept) rather than
+each packing it again.
 Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
 
 For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
@@ -69,12 +68,13 @@ from xentkit.kernels.chunked import loss_and_grad
 # host of that VM with 105 MiB of L3 (at 94dddc5, `--chunk-sizes auto,2048,4096` or
 # `auto,2048` with `--vocab-major-floor`, auto then 1024 rows), 2048-row chunks took 1.016x
 # (against 1.080x for 1024) at 8192x512x128256, 1.055x (1.112x) at 8192x1024x128256, 1.041x
-# (1.056x) at 2048x512x128256, 1.064x (1.110x) at 2048x512x256000, and as long at
-# 8192x512x256000 (1.092x, 1.093x) and at V = 32768 (1.065x/1.068x, 1.077x/1.005x at N = 8192,
-# D = 1024/512, three noisy rounds each): fewer chunks re-read the weight and the (V, D)
-# weight-gradient accumulator fewer times. So the minimum is 2048 rows: 2000 MiB of float32
-# logits at V = 256000, what torch's N=2048 logits alone take. One such buffer is used (the
-# gradient overwrites the logits), whatever the number of tokens; `chunk_size=1024` halves it.
+# (1.056x) at 2048x512x128256, 1.064x (1.110x) at 2048x512x256000 and as long at
+# 8192x512x256000 (1.092x, 1.093x); at V = 32768, N = 8192 the three noisy rounds disagree
+# (1.065x against 1.068x at D = 1024, 1.077x against 1.005x at D = 512). Fewer chunks re-read
+# the weight and the (V, D) weight-gradient accumulator fewer times. So the minimum is 2048
+# rows: 2000 MiB of float32 logits at V = 256000, what torch's N=2048 logits alone take. One
+# such buffer is used (the gradient overwrites the logits), whatever the number of tokens;
+# `chunk_size=1024` halves it.
 CHUNK_BYTES = 128 * 2**20
 MIN_CHUNK_ROWS = 2048
 # On a GPU the chunk is sized for the matrix products, not a cache: every chunk reads and
