@@ -3,8 +3,12 @@ over its floor measured in alternation (``paired.json``, :mod:`benchmarks.bench_
 xentkit's time over each peer's with everyone's extra memory, each provider in its own process
 (``linear_grid.json``, ``python benchmarks/run.py --suite linear_grid``). Where a peer also
 ran in alternation with xentkit (``paired_peers.json``, ``bench_paired --providers``), its
-ratio comes from there, marked ``†``: one call per process says less on a VM with slow spells;
-a shape ``paired.json`` lacks takes its floor ratio from there too. Where the floor was also
+ratio comes from there, marked ``†``: one call per process says less on a VM with slow spells.
+The floor ratio is the latest of the two paired runs' at each shape, and the last column names
+the commit it was measured at. "× N x V floor" is xentkit's median time over the median time of
+the floor in xentkit's own layout (the same as the floor ratio's median where only that layout
+was timed): a per-round minimum over two layouts whose products take about as long is pulled
+down by the noise. Where the floor was also
 timed with the logits laid out ``V x N`` (``--vocab-major-floor``), the floor is the faster
 layout's and its cell names that layout.
 
@@ -37,17 +41,24 @@ def _seconds(value: float) -> str:
     return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
 
 
-def _rows(data: dict | None, l3_mib: float | None) -> list[dict]:
-    """``data``'s rows; with ``l3_mib``, only those measured where the L3 was that many MiB (a
-    row an ``--update`` run kept carries its own run's ``machine``)."""
+def _machine(row: dict, data: dict) -> dict:
+    """The machine (and commit, date) ``row`` was measured on: its own where an ``--update``
+    run kept it, else its run's."""
+    return row.get("machine", data.get("machine", {}))
+
+
+def _rows(data: dict | None, l3_mib: float | None) -> list[tuple[dict, dict]]:
+    """``data``'s rows, each with its :func:`_machine`; with ``l3_mib``, only those measured
+    where the L3 was that many MiB."""
     if data is None:
         return []
 
-    def l3(row: dict) -> float | None:
-        kib = row.get("machine", data.get("machine", {})).get("cache_kib", {}).get("L3")
+    def l3(machine: dict) -> float | None:
+        kib = machine.get("cache_kib", {}).get("L3")
         return None if kib is None else kib / 1024
 
-    return [row for row in data["rows"] if l3_mib is None or l3(row) == l3_mib]
+    rows = [(row, _machine(row, data)) for row in data["rows"]]
+    return [(row, m) for row, m in rows if l3_mib is None or l3(m) == l3_mib]
 
 
 def _floor(wall: dict) -> str:
@@ -66,7 +77,8 @@ def table(
     """The markdown table and, under it, the command of each run it is made from.
 
     Example:
-        >>> paired = {"command": "P", "rows": [{"n": 1, "d": 2, "v": 3, "provider": "xentkit",
+        >>> paired = {"command": "P", "machine": {"commit": "abc1234", "date": "2026-12-03"},
+        ...     "rows": [{"n": 1, "d": 2, "v": 3, "provider": "xentkit",
         ...     "chunk_size": "auto", "wall": {"ratio": 1.02, "p20": 1.01, "p80": 1.03,
         ...     "time_s": 1.02, "floor_s": 1.0}}]}
         >>> grid = {"command": "G", "rows": [
@@ -76,45 +88,51 @@ def table(
         >>> peers = {"command": "Q", "rows": [{"n": 1, "d": 2, "v": 3, "provider": "cce",
         ...     "wall": {"xentkit_ratio": 0.9}}]}
         >>> print(table(paired, grid, peers))  # doctest: +NORMALIZE_WHITESPACE
-        | N, D, V | xentkit | floor | × floor (p20–p80) | xentkit ÷ torch eager
+        | N, D, V | xentkit | floor | × floor (p20–p80) | × N x V floor | xentkit ÷ torch eager
           | xentkit ÷ torch.compile | xentkit ÷ CCE | extra MiB: xentkit / torch eager
-          / torch.compile / CCE |
-        |---|---:|---:|---:|---:|---:|---:|---:|
-        | 1, 2, 3 | 1.02 s | 1.00 s | 1.020× (1.010–1.030) | OOM | — | 0.900׆ | 10 / OOM / — / — |
+          / torch.compile / CCE | code |
+        |---|---:|---:|---:|---:|---:|---:|---:|---:|---|
+        | 1, 2, 3 | 1.02 s | 1.00 s | 1.020× (1.010–1.030) | 1.020× | OOM | — | 0.900׆
+          | 10 / OOM / — / — | abc1234 |
         <BLANKLINE>
-        × floor: `P`; the peers and memory: `G`; † in alternation (and × floor at shapes the
-        first lacks): `Q`
+        × floor: `P`; the peers and memory: `G`; † in alternation (and × floor where measured
+        later): `Q`
     """
-    floor_rows = {
-        _shape(row): row["wall"]
-        for row in _rows(peers, l3_mib) + _rows(paired, l3_mib)  # paired.json's first
-        if row["provider"] == "xentkit" and row["chunk_size"] == "auto"
-    }
+    # Per shape, the latest floor ratio of xentkit's automatic chunks in either run.
+    floor_rows: dict[tuple[int, int, int], tuple[dict, dict]] = {}
+    for row, machine in _rows(paired, l3_mib) + _rows(peers, l3_mib):
+        if row["provider"] != "xentkit" or row["chunk_size"] != "auto":
+            continue
+        kept = floor_rows.get(_shape(row))
+        if kept is None or machine.get("date", "") > kept[1].get("date", ""):
+            floor_rows[_shape(row)] = row["wall"], machine
     alternating = {
         (_shape(row), row["provider"]): row["wall"]["xentkit_ratio"]
-        for row in _rows(peers, l3_mib)
+        for row, _ in _rows(peers, l3_mib)
         if "xentkit_ratio" in row["wall"]
     }
     grid_rows: dict[tuple[int, int, int], dict[str, dict]] = {}
-    for row in _rows(grid, l3_mib):
+    for row, _ in _rows(grid, l3_mib):
         grid_rows.setdefault(_shape(row), {})[row["provider"]] = row
     names = " / ".join(["xentkit", *(PEER_NAMES[p] for p in PEERS)])
     lines = [
-        "| N, D, V | xentkit | floor | × floor (p20–p80) | "
+        "| N, D, V | xentkit | floor | × floor (p20–p80) | × N x V floor | "
         + " | ".join(f"xentkit ÷ {PEER_NAMES[p]}" for p in PEERS)
-        + f" | extra MiB: {names} |",
-        "|---|---:|---:|---:|" + "---:|" * (len(PEERS) + 1),
+        + f" | extra MiB: {names} | code |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (len(PEERS) + 1) + "---|",
     ]
     for shape in sorted(floor_rows.keys() | grid_rows.keys() | {s for s, _ in alternating}):
-        wall = floor_rows.get(shape)
+        wall, machine = floor_rows.get(shape, (None, {}))
         cells = [", ".join(map(str, shape))]
         if wall is None:
-            cells += ["—"] * 3
+            cells += ["—"] * 4
         else:
+            row_major = wall.get("floor_layouts_s", {}).get("N x V", wall["floor_s"])
             cells += [
                 _seconds(wall["time_s"]),
                 _floor(wall),
                 f"{wall['ratio']:.3f}× ({wall['p20']:.3f}–{wall['p80']:.3f})",
+                f"{wall['time_s'] / row_major:.3f}×",
             ]
         rows = grid_rows.get(shape, {})
         ours = rows.get("xentkit", {})
@@ -134,6 +152,7 @@ def table(
             ok = row is not None and row["status"] == "ok"
             memory.append(f"{row['peak_mib']:.0f}" if ok else row["status"] if row else "—")
         cells.append(" / ".join(memory))
+        cells.append(machine.get("commit", "—"))
         lines.append("| " + " | ".join(cells) + " |")
     sources = []
     if paired:
@@ -141,9 +160,7 @@ def table(
     if grid:
         sources.append(f"the peers and memory: `{grid['command']}`")
     if alternating:
-        sources.append(
-            f"† in alternation (and × floor at shapes the first lacks): `{peers['command']}`"
-        )
+        sources.append(f"† in alternation (and × floor where measured later): `{peers['command']}`")
     return "\n".join(lines) + "\n\n" + "; ".join(sources)
 
 

@@ -422,9 +422,44 @@ def test_grid_table_reads_both_runs(tmp_path, capsys):
     (tmp_path / "linear_grid.json").write_text(json.dumps({"command": "G", "rows": grid_rows}))
     assert grid_table.main(["--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| 2, 2, 8 | — | — | — | 0.250× | — | 0.500× | 1 / 9 / — / 3 |"
-    assert (
-        lines[3]
-        == "| 4, 2, 8 | 3.00 s | 2.00 s | 1.500× (1.400–1.600) | — | — | — | — / — / — / — |"
+    assert lines[2] == "| 2, 2, 8 | — | — | — | — | 0.250× | — | 0.500× | 1 / 9 / — / 3 | — |"
+    assert lines[3] == (
+        "| 4, 2, 8 | 3.00 s | 2.00 s | 1.500× (1.400–1.600) | 1.500× | — | — | — | — / — / — / — "
+        "| — |"
     )
     assert lines[-1] == "× floor: `P`; the peers and memory: `G`"
+
+
+def test_grid_table_takes_the_latest_floor_ratio():
+    """A shape both paired runs measured takes the later run's floor ratio, and the last column
+    names the commit it was measured at (a row kept by ``--update`` carries its own)."""
+
+    def run(command: str, date: str, commit: str, ratio: float, kept: bool = False) -> dict:
+        machine = {"date": date, "commit": commit}
+        wall = {"ratio": ratio, "p20": ratio, "p80": ratio, "time_s": ratio, "floor_s": 1.0}
+        row = {"n": 1, "d": 2, "v": 3, "provider": "xentkit", "chunk_size": "auto", "wall": wall}
+        if kept:
+            return {"command": command, "machine": {"date": "9999", "commit": "new"},
+                    "rows": [{**row, "machine": machine}]}  # fmt: skip
+        return {"command": command, "machine": machine, "rows": [row]}
+
+    older, newer = ("2026-12-02", "aaaaaaa", 1.2), ("2026-12-03", "bbbbbbb", 1.1)
+    for paired, peers in (
+        (run("P", *older), run("Q", *newer)),
+        (run("P", *newer), run("Q", *older, kept=True)),
+    ):
+        row = grid_table.table(paired, None, peers).splitlines()[2]
+        assert row.startswith(
+            "| 1, 2, 3 | 1.10 s | 1.00 s | 1.100× (1.100–1.100) | 1.100× |"
+        ) and row.endswith(" | bbbbbbb |")
+
+
+def test_grid_table_gives_the_ratio_over_the_row_major_floor():
+    """Where both layouts of the floor were timed, "× N x V floor" is xentkit's median time over
+    the N x V floor's, beside the per-round ratio over the faster layout."""
+    layouts = {"N x V": 2.5, "V x N": 2.0}
+    wall = {"ratio": 1.4, "p20": 1.3, "p80": 1.5, "time_s": 3.0, "floor_s": 2.0}
+    row = {"n": 1, "d": 2, "v": 3, "provider": "xentkit", "chunk_size": "auto"}
+    paired = {"command": "P", "rows": [{**row, "wall": {**wall, "floor_layouts_s": layouts}}]}
+    line = grid_table.table(paired, None).splitlines()[2]
+    assert line.startswith("| 1, 2, 3 | 3.00 s | 2.00 s (V x N) | 1.400× (1.300–1.500) | 1.200× |")
