@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_memory_does_not_grow_with_tokens
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import xentkit
 from xentkit.kernels import linear_chunked
@@ -196,6 +197,39 @@ def test_weight_gradient_is_not_copied():
     address = loss.grad_fn.saved_tensors[2].data_ptr()  # the forward's weight-gradient buffer
     loss.backward()
     assert weight.grad.data_ptr() == address
+
+
+class _RecordOps(TorchDispatchMode):
+    """The aten ops dispatched while active, with their first argument's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args else None
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+        self.ops.append((str(func.overloadpacket), shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_backward_makes_no_pass_over_the_gradients(dtype, reduction):
+    """``loss.backward()`` (grad_output 1) returns the forward's gradients of the reduced loss as
+    they are: no multiplication over the V x D weight gradient; any other grad_output scales
+    them."""
+    hidden, weight, bias, target = make_inputs(6, 3, 5, dtype=dtype, ignored=[1])
+    params = (hidden, weight, bias)
+    for grad_output in (1.0, 2.5):
+        loss = fused(hidden, weight, target, bias, reduction=reduction)
+        with _RecordOps() as recorded:
+            grads = torch.autograd.grad(loss, params, torch.tensor(grad_output, dtype=loss.dtype))
+        scaled = [shape for op, shape in recorded.ops if op.startswith("aten.mul")]
+        assert ((5, 3) in scaled) == (grad_output != 1)
+        want = torch_unfused(hidden, weight, target, bias, reduction=reduction) * grad_output
+        for got, expected in zip(grads, torch.autograd.grad(want, params), strict=True):
+            torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

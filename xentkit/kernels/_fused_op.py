@@ -38,6 +38,14 @@ def graph_is_kept() -> bool:
     return torch.compiler.is_compiling() or keeps is None or keeps()
 
 
+def is_one(scale: Tensor) -> bool:
+    """Whether the scalar ``scale`` (a backward's ``grad_output``) is known to be 1, as
+    ``loss.backward()`` passes it, so that a stored gradient needs no pass to scale it: read
+    on the CPU only (on an accelerator reading it would synchronise) and never while tracing
+    (its value is unknown there)."""
+    return not torch.compiler.is_compiling() and scale.device.type == "cpu" and bool(scale == 1)
+
+
 def no_class_weight_derivative(needed: bool) -> None:
     """Raise, as PyTorch's cross_entropy does, when the class weights ask for a gradient."""
     if needed:
@@ -60,11 +68,7 @@ def scale_gradient(grad: Tensor, grad_output: Tensor | None, reduction: str) -> 
         )
     if reduction == "none":
         grad_output = grad_output.unsqueeze(1)
-    elif (
-        not torch.compiler.is_compiling()
-        and grad_output.device.type == "cpu"  # reading it on an accelerator would synchronise
-        and bool(grad_output == 1)
-    ):
+    elif is_one(grad_output):
         return grad  # loss.backward(): nothing to scale
     if graph_is_kept():
         return (grad * grad_output).to(grad.dtype)

@@ -19,11 +19,13 @@ each packing it again.
 Tokens whose target is ``ignore_index`` are dropped before the first matrix product.
 
 For ``reduction="mean"`` and ``"sum"`` every gradient is computed in the forward pass and the
-backward pass only multiplies it by ``grad_output``. The forward computes the gradient of the
-*unnormalised* sum :math:`\sum_i \mathrm{ce}_i + r\,z_i` (:math:`r` puts the z-loss's own
-denominator in the same units) and the backward applies ``grad_output / denominator`` in
-float32: a half-precision gradient of a mean over many tokens would otherwise underflow before
-a loss scaler could lift it.
+backward pass only multiplies it by ``grad_output``, or, on the CPU for ``loss.backward()``
+(``grad_output`` 1), returns it as it is: no pass over the ``V x D`` weight gradient. For
+half-precision parameters the forward computes the gradient of the *unnormalised* sum
+:math:`\sum_i \mathrm{ce}_i + r\,z_i` (:math:`r` puts the z-loss's own denominator in the same
+units) and the backward applies ``grad_output / denominator`` in float32: a half-precision
+gradient of a mean over many tokens would otherwise underflow before a loss scaler could lift
+it.
 
 For ``reduction="none"`` the per-token ``grad_output`` is not known in the forward and the
 weight gradient :math:`\sum_i g_i\, G_i^\top h_i` cannot be assembled without it, so the
@@ -51,7 +53,7 @@ from torch import Tensor
 
 from xentkit import reference
 from xentkit.kernels import _memory, chunked, grad_filter, packed_gemm, row_stats
-from xentkit.kernels._fused_op import graph_is_kept
+from xentkit.kernels._fused_op import graph_is_kept, is_one
 from xentkit.kernels.chunked import loss_and_grad
 
 # About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk
@@ -162,6 +164,11 @@ class Problem:
         self.rows = max(1, min(rows, self.count))
         # The weight packed for the logits products, during a pass (:meth:`workspace`).
         self._packed: packed_gemm.PackedWeight | None = None
+        # Whether the forward's gradients are of the reduced loss (the mean's denominator
+        # applied) rather than of the unnormalised sum: where they are all in the accumulation
+        # dtype (no half-precision rounding to underflow).
+        params = [p.dtype for p in (hidden, weight, bias) if p is not None]
+        self.normalised = all(dtype == self.acc for dtype in params)
 
     def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
         """``(positions, hidden rows, targets)`` of each chunk of counted tokens."""
@@ -243,8 +250,13 @@ class _Gradients:
     """The gradients of the hidden states, weight and bias that were asked for, accumulated
     chunk by chunk (weight and bias in the accumulation dtype)."""
 
-    def __init__(self, problem: Problem, needs: tuple[bool, bool, bool]) -> None:
+    def __init__(
+        self, problem: Problem, needs: tuple[bool, bool, bool], unit: float | Tensor = 1.0
+    ) -> None:
         self.problem = problem
+        # What the chunks' gradients are scaled by against the per-token gradient of the summed
+        # loss, whose units filtering's threshold is in.
+        self.unit = unit
         # Ignored tokens are never visited, so their rows must start at zero.
         zero_hidden = problem.index is not None
         buffers = _gradient_buffers(problem.hidden, problem.weight, needs, zero_hidden)
@@ -274,6 +286,7 @@ class _Gradients:
             out = torch.empty_like(hidden) if gathered else self.hidden[where]
         weight, eps = self.problem.weight, self.problem.filter_eps
         if eps is not None:
+            eps = eps * self.unit
             self._zero_weight()  # filtering adds its kept rows to it
         if eps is None or not grad_filter.backward_products(
             grad, eps, hidden, weight, out, self.weight
@@ -412,9 +425,11 @@ def _forward(
     ``stats`` each token's ``[lse, entropy, is_top1]`` (0 / False where ignored; read from each
     chunk's logits before its row pass overwrites them: no extra matrix product)."""
     ce_denominator, z_denominator = problem.denominators(reduction)
-    grads = _Gradients(problem, needs if reduction != "none" else (False, False, False))
-    # Gradient of sum(ce_i + ratio * z_i); the backward multiplies by 1 / ce_denominator.
+    # Gradient of sum(ce_i + ratio * z_i), divided by ce_denominator where problem.normalised
+    # (else the backward does that).
     ratio = ce_denominator / z_denominator
+    ce_scale = 1 / ce_denominator if problem.normalised else 1.0
+    grads = _Gradients(problem, needs if reduction != "none" else (False, False, False), ce_scale)
     zero = torch.zeros((), dtype=problem.acc, device=problem.hidden.device)
     losses = zero.new_zeros(problem.target.shape[0]) if reduction == "none" else None
     ce_total, z_total = zero, zero.clone()
@@ -435,8 +450,8 @@ def _forward(
                 target,
                 problem.class_weight,
                 *problem.options,
-                ce_scale=1.0 if grads.any else None,
-                z_scale=ratio,
+                ce_scale=ce_scale if grads.any else None,
+                z_scale=ratio * ce_scale,
                 out=logits if grad_buffer is None else grad_buffer[: logits.shape[0]],
             )
             if losses is not None:
@@ -520,6 +535,8 @@ def _linear_op(
     problem = Problem(hidden, weight, target, bias, class_weight, *options, chunk_size, filter_eps)
     loss, grads, per_row = _forward(problem, reduction, tuple(needs), stats)
     denominator = problem.denominators(reduction)[0]
+    if problem.normalised:
+        denominator = torch.ones_like(denominator)
     # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
     unit = 1 / denominator if problem.count else torch.zeros_like(denominator)
     return loss, unit, *grads.tensors(), *per_row
@@ -600,8 +617,12 @@ def _backward(ctx, grad_loss: Tensor | None, *_unused):
     else:
         unit, *grads = ctx.saved_tensors
         scale = grad_loss * unit
-        # In place where the graph is not kept: no second copy of the V x D weight gradient.
-        grads = [g * scale if graph_is_kept() else g.mul_(scale) for g in grads]
+        # In place where the graph is not kept: no second copy of the V x D weight gradient;
+        # no pass at all where the scale is 1.
+        if graph_is_kept():
+            grads = [g * scale for g in grads]
+        elif not is_one(scale):
+            grads = [g.mul_(scale) for g in grads]
     gh, gw, gb = (
         g.to(dtype) if need else None
         for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs, strict=True)
