@@ -5,12 +5,11 @@ xentkit's time over each peer's with everyone's extra memory, each provider in i
 ran in alternation with xentkit (``paired_peers.json``, ``bench_paired --providers``), its
 ratio comes from there, marked ``†``: one call per process says less on a VM with slow spells.
 The floor ratio is the latest of the two paired runs' at each shape, and the last column names
-the commit it was measured at. "× N x V floor" is xentkit's median time over the median time of
-the floor in xentkit's own layout (the same as the floor ratio's median where only that layout
-was timed): a per-round minimum over two layouts whose products take about as long is pulled
-down by the noise. Where the floor was also
-timed with the logits laid out ``V x N`` (``--vocab-major-floor``), the floor is the faster
-layout's and its cell names that layout.
+the commit it was measured at. Where the floor was also timed with the logits laid out ``V x N``
+(``--vocab-major-floor``), the floor is the faster layout's and its cell names that layout;
+"× N x V floor" is then xentkit's median time over the median time of the floor in xentkit's
+own layout (the floor ratio's median where only that layout was timed): a per-round minimum
+over two layouts whose products take about as long is pulled down by the noise.
 
 A cloud VM can be another host from one session to the next: ``--l3 MIB`` keeps only the rows
 measured on a CPU whose L3 cache (as :func:`benchmarks.machine.cache_kib` recorded it) has that

@@ -46,6 +46,17 @@ def is_one(scale: Tensor) -> bool:
     return not torch.compiler.is_compiling() and scale.device.type == "cpu" and bool(scale == 1)
 
 
+def scale_gradients(grads: list[Tensor], scale: Tensor) -> list[Tensor]:
+    """Gradients a forward stored, times the backward's ``scale``: in place where the graph is
+    not kept (no second copy of a V x D weight gradient), untouched where ``scale`` is known to
+    be 1 (:func:`is_one`)."""
+    if graph_is_kept():
+        return [g * scale for g in grads]
+    if is_one(scale):
+        return grads
+    return [g.mul_(scale) for g in grads]
+
+
 def no_class_weight_derivative(needed: bool) -> None:
     """Raise, as PyTorch's cross_entropy does, when the class weights ask for a gradient."""
     if needed:

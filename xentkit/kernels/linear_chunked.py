@@ -53,7 +53,7 @@ from torch import Tensor
 
 from xentkit import reference
 from xentkit.kernels import _memory, chunked, grad_filter, packed_gemm, row_stats
-from xentkit.kernels._fused_op import graph_is_kept, is_one
+from xentkit.kernels._fused_op import scale_gradients
 from xentkit.kernels.chunked import loss_and_grad
 
 # About this many bytes of logits (plus the chunk's hidden rows and their gradient) per chunk
@@ -616,13 +616,7 @@ def _backward(ctx, grad_loss: Tensor | None, *_unused):
         )
     else:
         unit, *grads = ctx.saved_tensors
-        scale = grad_loss * unit
-        # In place where the graph is not kept: no second copy of the V x D weight gradient;
-        # no pass at all where the scale is 1.
-        if graph_is_kept():
-            grads = [g * scale for g in grads]
-        elif not is_one(scale):
-            grads = [g.mul_(scale) for g in grads]
+        grads = scale_gradients(grads, grad_loss * unit)
     gh, gw, gb = (
         g.to(dtype) if need else None
         for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs, strict=True)

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from xentkit import reference
-from xentkit.kernels._fused_op import graph_is_kept
+from xentkit.kernels._fused_op import scale_gradients
 from xentkit.kernels.linear_chunked import Problem, _gradient_buffers, _Gradients
 
 
@@ -371,9 +371,7 @@ def _backward(ctx, grad_loss: Tensor | None, *_unused):
         grads = _distill_backward_op(grad_loss, *ctx.saved_tensors, *ctx.options)
     else:
         unit, *grads = ctx.saved_tensors
-        scale = grad_loss * unit
-        # In place where the graph is not kept: no second copy of the V x D weight gradient.
-        grads = [g * scale if graph_is_kept() else g.mul_(scale) for g in grads]
+        grads = scale_gradients(grads, grad_loss * unit)
     gh, gw, gb = (
         g.to(dtype) if need else None
         for g, dtype, need in zip(grads, ctx.dtypes, ctx.needs, strict=True)
