@@ -251,12 +251,12 @@ class _Gradients:
     chunk by chunk (weight and bias in the accumulation dtype)."""
 
     def __init__(
-        self, problem: Problem, needs: tuple[bool, bool, bool], unit: float | Tensor = 1.0
+        self, problem: Problem, needs: tuple[bool, bool, bool], scale: float | Tensor = 1.0
     ) -> None:
         self.problem = problem
         # What the chunks' gradients are scaled by against the per-token gradient of the summed
         # loss, whose units filtering's threshold is in.
-        self.unit = unit
+        self.scale = scale
         # Ignored tokens are never visited, so their rows must start at zero.
         zero_hidden = problem.index is not None
         buffers = _gradient_buffers(problem.hidden, problem.weight, needs, zero_hidden)
@@ -286,7 +286,7 @@ class _Gradients:
             out = torch.empty_like(hidden) if gathered else self.hidden[where]
         weight, eps = self.problem.weight, self.problem.filter_eps
         if eps is not None:
-            eps = eps * self.unit
+            eps = eps * self.scale
             self._zero_weight()  # filtering adds its kept rows to it
         if eps is None or not grad_filter.backward_products(
             grad, eps, hidden, weight, out, self.weight
@@ -420,15 +420,20 @@ def _chunk_stats(problem: Problem, logits: Tensor, target: Tensor, where, per_ro
 
 def _forward(
     problem: Problem, reduction: str, needs: tuple[bool, bool, bool], stats: bool = False
-) -> tuple[Tensor, _Gradients, list[Tensor]]:
-    """The loss, for the mean and the sum the gradients of its unnormalised sum, and with
-    ``stats`` each token's ``[lse, entropy, is_top1]`` (0 / False where ignored; read from each
-    chunk's logits before its row pass overwrites them: no extra matrix product)."""
+) -> tuple[Tensor, Tensor, _Gradients, list[Tensor]]:
+    """The loss; ``unit``; for the mean and the sum the gradients that ``unit`` turns into the
+    loss's (the loss's own, ``unit`` 1, where ``problem.normalised``; else its unnormalised
+    sum's, ``unit`` 1 / its denominator); and with ``stats`` each token's ``[lse, entropy,
+    is_top1]`` (0 / False where ignored; read from each chunk's logits before its row pass
+    overwrites them: no extra matrix product)."""
     ce_denominator, z_denominator = problem.denominators(reduction)
-    # Gradient of sum(ce_i + ratio * z_i), divided by ce_denominator where problem.normalised
-    # (else the backward does that).
+    # Gradient of sum(ce_i + ratio * z_i), divided by ce_denominator here where
+    # problem.normalised, else by the backward (through unit).
     ratio = ce_denominator / z_denominator
     ce_scale = 1 / ce_denominator if problem.normalised else 1.0
+    unit = torch.ones_like(ce_denominator) if problem.normalised else 1 / ce_denominator
+    if not problem.count:  # every gradient is zero; 1 / 0 must not turn it into NaN
+        unit = torch.zeros_like(ce_denominator)
     grads = _Gradients(problem, needs if reduction != "none" else (False, False, False), ce_scale)
     zero = torch.zeros((), dtype=problem.acc, device=problem.hidden.device)
     losses = zero.new_zeros(problem.target.shape[0]) if reduction == "none" else None
@@ -462,9 +467,9 @@ def _forward(
             if grad is not None:
                 grads.add(where, hidden, grad)
     if losses is not None:
-        return losses, grads, per_row
+        return losses, unit, grads, per_row
     # A mean over no counted token is 0 / 0 = NaN, as in PyTorch.
-    return ce_total / ce_denominator + z_total / z_denominator, grads, per_row
+    return ce_total / ce_denominator + z_total / z_denominator, unit, grads, per_row
 
 
 def backward_over_chunks(
@@ -533,12 +538,7 @@ def _linear_op(
     (its length depends on how many tokens count)."""
     options = (ignore_index, label_smoothing, z_loss, softcap)
     problem = Problem(hidden, weight, target, bias, class_weight, *options, chunk_size, filter_eps)
-    loss, grads, per_row = _forward(problem, reduction, tuple(needs), stats)
-    denominator = problem.denominators(reduction)[0]
-    if problem.normalised:
-        denominator = torch.ones_like(denominator)
-    # With no counted token every gradient is zero; 1 / 0 must not turn it into NaN.
-    unit = 1 / denominator if problem.count else torch.zeros_like(denominator)
+    loss, unit, grads, per_row = _forward(problem, reduction, tuple(needs), stats)
     return loss, unit, *grads.tensors(), *per_row
 
 
