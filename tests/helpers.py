@@ -9,6 +9,7 @@ import sys
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Relative tolerance of a comparison with PyTorch, by dtype (float rounding of two exact paths).
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -111,3 +112,17 @@ def assert_memory_does_not_grow_with_tokens(body: str) -> None:
     # The measurement sees the unfused logits; the fused step adds only O(M D) for grad_input.
     assert exact_growth > logits_growth_kib, peaks
     assert fused_growth < logits_growth_kib / 4, peaks
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten ops dispatched while active, with their first argument's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args else None
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+        self.ops.append((str(func.overloadpacket), shape))
+        return func(*args, **(kwargs or {}))

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import RecordOps
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
@@ -588,6 +589,30 @@ def _one_rank_matches_the_reference(
 def test_one_rank_matches_the_reference_on_random_shapes_and_options():
     with _one_process_group():
         _one_rank_matches_the_reference()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_rank_loss_backward_makes_no_pass_over_the_gradients(dtype, reduction):
+    """As on one process: ``loss.backward()`` (grad_output 1) returns the forward's gradients
+    of the reduced loss as they are, no multiplication over the weight's gradient; any other
+    grad_output scales them."""
+    opts = dict(ignore_index=-100, reduction=reduction, label_smoothing=0.1, z_loss=0.1)
+    _, target, class_weight, _ = _problem(3, 6, 5, -100, True, dtype)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 3, generator=gen, dtype=dtype, requires_grad=True)
+    weight = torch.randn(5, 3, generator=gen, dtype=dtype, requires_grad=True)
+    with _one_process_group():
+        for grad_output in (1.0, 2.5):
+            loss = linear_cross_entropy(hidden, weight, target, None, class_weight, **opts)
+            with RecordOps() as recorded:
+                grads = torch.autograd.grad(loss, (hidden, weight), torch.tensor(grad_output))
+            scaled = [shape for op, shape in recorded.ops if op.startswith("aten.mul")]
+            assert ((5, 3) in scaled) == (grad_output != 1)
+            want = _expected(F.linear(hidden, weight), target, class_weight, opts,
+                             torch.tensor(grad_output), hidden, weight)  # fmt: skip
+            for got, expected in zip(grads, want[1], strict=True):
+                torch.testing.assert_close(got, expected, rtol=TOL[dtype][0], atol=TOL[dtype][1])
 
 
 def test_uninitialised_group_is_a_clear_error():

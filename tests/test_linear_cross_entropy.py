@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_memory_does_not_grow_with_tokens
+from helpers import RecordOps, assert_memory_does_not_grow_with_tokens
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import xentkit
 from xentkit.kernels import linear_chunked
@@ -199,20 +198,6 @@ def test_weight_gradient_is_not_copied():
     assert weight.grad.data_ptr() == address
 
 
-class _RecordOps(TorchDispatchMode):
-    """The aten ops dispatched while active, with their first argument's shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        first = args[0] if args else None
-        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
-        self.ops.append((str(func.overloadpacket), shape))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_loss_backward_makes_no_pass_over_the_gradients(dtype, reduction):
@@ -223,7 +208,7 @@ def test_loss_backward_makes_no_pass_over_the_gradients(dtype, reduction):
     params = (hidden, weight, bias)
     for grad_output in (1.0, 2.5):
         loss = fused(hidden, weight, target, bias, reduction=reduction)
-        with _RecordOps() as recorded:
+        with RecordOps() as recorded:
             grads = torch.autograd.grad(loss, params, torch.tensor(grad_output, dtype=loss.dtype))
         scaled = [shape for op, shape in recorded.ops if op.startswith("aten.mul")]
         assert ((5, 3) in scaled) == (grad_output != 1)

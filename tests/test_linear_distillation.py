@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_memory_does_not_grow_with_tokens
+from helpers import RecordOps, assert_memory_does_not_grow_with_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -214,6 +214,27 @@ def test_hypothesis_matches_reference(
     assert_same(got, want, dtype)
     if reduction == "mean" and len(ignored) == numel:  # 0 / 0, as torch's cross_entropy
         assert got[0].isnan()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("hard_weight", [0.0, 0.4])
+def test_loss_backward_makes_no_pass_over_the_gradients(dtype, reduction, hard_weight):
+    """``loss.backward()`` (grad_output 1) returns the forward's gradients of the reduced loss as
+    they are: no multiplication over the V x D weight gradient; any other grad_output scales
+    them."""
+    student, teacher, target = make_inputs((6,), 3, 5, dtype, ignored=[1])
+    kwargs = {"beta": 0.5, "temperature": 2.0, "hard_weight": hard_weight, "reduction": reduction}
+    params = student
+    for grad_output in (1.0, 2.5):
+        loss = xentkit_loss(student, teacher, target, **kwargs)
+        with RecordOps() as recorded:
+            grads = torch.autograd.grad(loss, params, torch.tensor(grad_output, dtype=loss.dtype))
+        scaled = [shape for op, shape in recorded.ops if op.startswith("aten.mul")]
+        assert ((5, 3) in scaled) == (grad_output != 1)
+        want = torch_unfused(student, teacher, target, **kwargs) * grad_output
+        for got, expected in zip(grads, torch.autograd.grad(want, params), strict=True):
+            torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
 
 
 def test_all_ignored():

@@ -96,6 +96,7 @@ from torch import Tensor
 
 from xentkit import _autocast, _checks
 from xentkit.kernels import row_stats
+from xentkit.kernels._fused_op import scale_gradients
 from xentkit.kernels.linear_log_probs import HeadOutputs, Outputs, Transform
 from xentkit.reference import REDUCTIONS, LossStats, accumulation_dtype, loss_stats
 
@@ -435,15 +436,18 @@ def _row_scales(grad: Tensor, rows: _Targets, reduction: str) -> tuple[Tensor, T
     return torch.where(rows.counted, a, zero), torch.where(rows.counted, b, zero)
 
 
-def _unit_scales(rows: _Targets, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Row scales for gradients written before the incoming gradient is known: ``a``, ``b`` of
-    the *sum* of the cross-entropy parts and the z parts times ``den / z_den`` (the z-loss in
-    the cross-entropy part's units), and the factor ``unit`` that backward applies with the
-    incoming gradient (``1 / den`` for the mean). Gradients kept in half precision until then
-    stay clear of underflow."""
+def _unit_scales(rows: _Targets, reduction: str, normalised: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Row scales for gradients written before the incoming gradient is known, ``a`` and ``b``,
+    and the factor ``unit`` that backward applies with the incoming gradient. Where
+    ``normalised`` (every gradient kept in float32 or float64) those of the loss itself and
+    ``unit`` 1, so that ``loss.backward()`` on the CPU scales nothing. Else, for the mean, those
+    of the *sum* of the cross-entropy parts and the z parts times ``den / z_den`` (the z-loss in
+    the cross-entropy part's units) and ``unit`` ``1 / den``: gradients kept in half precision
+    until then stay clear of underflow."""
+    one = torch.ones((), dtype=rows.weight.dtype, device=rows.weight.device)
+    if normalised or reduction != "mean":
+        return *_row_scales(one, rows, reduction), one
     a = rows.counted.to(rows.weight.dtype)
-    if reduction != "mean":
-        return a, a, torch.ones((), dtype=a.dtype, device=a.device)
     den = rows.weight.sum()
     # With every row ignored the gradients are 0 (not 0 / 0), as in the reference.
     unit = torch.where(rows.counted.any(), 1 / den, 0.0)
@@ -672,7 +676,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         early = plan.reduction != "none" and any(needs)
         if early:
             grads = _grad_buffers(hidden, weight, needs, dtype)
-            a_all, b_all, unit = _unit_scales(rows_all, plan.reduction)
+            # Half-precision hidden-state gradients are kept unnormalised (_unit_scales).
+            normalised = hidden.dtype == dtype
+            a_all, b_all, unit = _unit_scales(rows_all, plan.reduction, normalised)
         ce_all = torch.zeros(target.shape[0], dtype=dtype, device=hidden.device)
         z_all, lse_all = torch.zeros_like(ce_all), torch.zeros_like(ce_all)
         per_row = [[], [], []]
@@ -688,8 +694,13 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 d = _slice_grad(x, t, lse, a_all[chunk], b_all[chunk], rows, w_local, plan)
                 _accumulate(grads, d.to(hidden.dtype), hidden[chunk], weight, chunk)
         ctx.plan, ctx.needs, ctx.rows, ctx.w_local = plan, needs, rows_all, w_local
-        ctx.dtype, ctx.grads = hidden.dtype, (grads, unit) if early else None
-        if not early:
+        ctx.dtype, ctx.early = hidden.dtype, early
+        # Saved through autograd, which drops them once backward has read them: the gradients
+        # it returns are then referenced nowhere else and become the parameters' .grad as they
+        # are, not copies.
+        if early:
+            ctx.save_for_backward(*grads, unit)
+        else:
             ctx.save_for_backward(hidden, weight, bias, lse_all)
         empty = _per_row_stats(None, target, False)
         per_row = [torch.cat(p) if p else e for p, e in zip(per_row, empty, strict=True)]
@@ -698,10 +709,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_):
-        if ctx.grads is not None:
-            grads, unit = ctx.grads
-            scale = grad.to(unit.dtype) * unit
-            gh, gw, gb = (None if g is None else (g * scale).to(g.dtype) for g in grads)
+        if ctx.early:
+            *grads, unit = ctx.saved_tensors
+            kept = scale_gradients([g for g in grads if g is not None], grad.to(unit.dtype) * unit)
+            gh, gw, gb = (None if g is None else kept.pop(0) for g in grads)
         else:
             gh, gw, gb = _recomputed_grads(ctx, grad)
         if gh is not None and gh.shape[0]:

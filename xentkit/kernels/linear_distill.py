@@ -33,7 +33,9 @@ The tokens are walked in chunks as in :mod:`xentkit.kernels.linear_chunked`, who
 computes both heads' logits (two matrix products), the per-token loss and, for
 ``reduction="mean"`` and ``"sum"``, the gradient of the student's logits, which is pushed
 through the student's head at once (:math:`G W_s` and :math:`G^\top H_s`): four matrix products
-in all, and the backward pass only multiplies the stored gradients by ``grad_output``. For
+in all, and the backward pass only multiplies the stored gradients by ``grad_output`` (for
+``loss.backward()`` on the CPU with float32 or float64 parameters, not even that: the mean's
+denominator is applied in the forward's row pass, as in :mod:`~.linear_chunked`). For
 ``reduction="none"`` the per-token ``grad_output`` is unknown in the forward pass, which then
 computes the losses only; the backward walks the chunks again (six matrix products in all).
 A chunk holds both heads' logits and one to three float32 working buffers of the same size
@@ -170,11 +172,12 @@ def _chunk(
     temperature: float,
     hard_weight: float,
     want_grad: bool,
+    unit: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     r"""Per-row loss :math:`(1-\lambda) D_\beta + \lambda\,\mathrm{ce}` of one chunk from the
     scaled logits ``s`` (student) and ``t`` (teacher), both ``(m, V)`` in the accumulation
     dtype and overwritten, and with ``want_grad`` its gradient with respect to the student's
-    raw logits :math:`z = T s` (written over a buffer)."""
+    raw logits :math:`z = T s` (written over a buffer), times ``unit``."""
     log_p, log_q = _log_softmax_(s), _log_softmax_(t)
     hard = grad_hard = None
     if hard_weight > 0:
@@ -188,11 +191,11 @@ def _chunk(
     soft, grad, c = _divergence(log_p, log_q, work, beta, want_grad)
     loss = soft if hard is None else (1 - hard_weight) * soft + hard_weight * hard
     if grad is not None:
-        scale = (1 - hard_weight) * c / temperature  # d/dz = (1 / T) d/ds
+        scale = (1 - hard_weight) * c / temperature * unit  # d/dz = (1 / T) d/ds
         if scale != 1.0:
             grad.mul_(scale)
         if grad_hard is not None:
-            grad.add_(grad_hard, alpha=hard_weight)
+            grad.add_(grad_hard, alpha=hard_weight * unit)
     return loss, grad
 
 
@@ -208,11 +211,13 @@ def _walk(
     losses: Tensor | None,
     grad_output: Tensor | None = None,
     triton_rows: bool = False,
+    unit: float = 1.0,
 ) -> Tensor:
     """Walk the chunks: each row's loss into ``losses`` (when given) and the gradient of
-    ``sum_i g_i loss_i`` (``g = grad_output``, 1 when None) through the student's head into
+    ``sum_i g_i loss_i`` (``g = grad_output``, else ``unit``) through the student's head into
     ``grads``; returns the summed loss. ``triton_rows`` runs each chunk's row passes as one
-    Triton kernel (:func:`xentkit.kernels.triton.distill_rows`) instead of :func:`_chunk`."""
+    Triton kernel (:func:`xentkit.kernels.triton.distill_rows`, ``unit`` 1) instead of
+    :func:`_chunk`."""
     beta, temperature, hard_weight = options
     problem, acc = heads.problem, heads.acc
     teacher_weight, teacher_bias = heads.teacher[1:]
@@ -232,7 +237,7 @@ def _walk(
             )
         else:
             work = scratch[:, :m]
-            loss, grad = _chunk(s, t, target, work, beta, temperature, hard_weight, grads.any)
+            loss, grad = _chunk(s, t, target, work, beta, temperature, hard_weight, grads.any, unit)
         if losses is not None:
             losses[where] = loss
         total += loss.sum()
@@ -265,8 +270,12 @@ def _distill_op(
     triton_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, unit, grad_input, grad_weight, grad_bias)`` of the student: for the mean and
-    the sum the gradients asked for by ``needs`` of the summed loss, which the backward
-    multiplies by ``grad_output * unit``; empty tensors for the others. One opaque op, so that
+    the sum the gradients asked for by ``needs``, which the backward multiplies by
+    ``grad_output * unit``; empty tensors for the others. They are the reduced loss's own
+    (``unit`` 1) where the row pass can apply the mean's denominator (float32 or float64
+    parameters, the torch row pass), so that ``loss.backward()`` on the CPU makes no pass over
+    them; else the summed loss's (``unit`` 1 / count, for the reason in
+    :mod:`~xentkit.kernels.linear_chunked`'s docstring). One opaque op, so that
     ``torch.compile`` of a caller neither unrolls nor re-traces the chunk loop."""
     heads = _Heads(
         student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
@@ -276,14 +285,19 @@ def _distill_op(
     early = tuple(needs) if reduction != "none" else (False, False, False)
     grads = _Gradients(problem, early)
     losses = problem.hidden.new_zeros(problem.target.shape[0], dtype=heads.acc)
-    total = _walk(heads, (beta, temperature, hard_weight), grads, losses, None, triton_rows)
-    unit = torch.ones((), dtype=heads.acc, device=problem.hidden.device)
-    loss = {"none": losses, "sum": total}.get(reduction)
+    unit = 1.0
     if reduction == "mean":
         # A mean over no counted token is 0 / 0 = NaN, as in PyTorch's cross_entropy; its
         # gradients are zero, which 1 / 0 must not turn into NaN.
+        unit = 1 / problem.count if problem.count else 0.0
+    # The mean's denominator, applied by the row pass where it can be (see above).
+    in_rows = unit != 1.0 and problem.normalised and not triton_rows
+    options = (beta, temperature, hard_weight)
+    total = _walk(heads, options, grads, losses, None, triton_rows, unit if in_rows else 1.0)
+    loss = {"none": losses, "sum": total}.get(reduction)
+    if reduction == "mean":
         loss = total / problem.count
-        unit = unit / problem.count if problem.count else torch.zeros_like(unit)
+    unit = torch.full((), 1.0 if in_rows else unit, dtype=heads.acc, device=total.device)
     return loss, unit, *grads.tensors()
 
 
