@@ -422,10 +422,10 @@ def test_grid_table_reads_both_runs(tmp_path, capsys):
     (tmp_path / "linear_grid.json").write_text(json.dumps({"command": "G", "rows": grid_rows}))
     assert grid_table.main(["--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| 2, 2, 8 | — | — | — | — | 0.250× | — | 0.500× | 1 / 9 / — / 3 | — |"
+    assert lines[2] == "| 2, 2, 8 | — | — | — | — | — | 0.250× | — | 0.500× | 1 / 9 / — / 3 | — |"
     assert lines[3] == (
-        "| 4, 2, 8 | 3.00 s | 2.00 s | 1.500× (1.400–1.600) | 1.500× | — | — | — | — / — / — / — "
-        "| — |"
+        "| 4, 2, 8 | 3.00 s | 2.00 s | 1.500× (1.400–1.600) | 1.500× | — | — | — | — "
+        "| — / — / — / — | — |"
     )
     assert lines[-1] == "× floor: `P`; the peers and memory: `G`"
 
@@ -454,12 +454,15 @@ def test_grid_table_takes_the_latest_floor_ratio():
         ) and row.endswith(" | bbbbbbb |")
 
 
-def test_grid_table_gives_the_ratio_over_the_row_major_floor():
+def test_grid_table_gives_the_ratio_over_the_row_major_floor_and_in_cpu_time():
     """Where both layouts of the floor were timed, "× N x V floor" is xentkit's median time over
-    the N x V floor's, beside the per-round ratio over the faster layout."""
+    the N x V floor's, beside the per-round ratio over the faster layout; then the per-round
+    ratio of CPU times."""
     layouts = {"N x V": 2.5, "V x N": 2.0}
     wall = {"ratio": 1.4, "p20": 1.3, "p80": 1.5, "time_s": 3.0, "floor_s": 2.0}
     row = {"n": 1, "d": 2, "v": 3, "provider": "xentkit", "chunk_size": "auto"}
-    paired = {"command": "P", "rows": [{**row, "wall": {**wall, "floor_layouts_s": layouts}}]}
-    line = grid_table.table(paired, None).splitlines()[2]
-    assert line.startswith("| 1, 2, 3 | 3.00 s | 2.00 s (V x N) | 1.400× (1.300–1.500) | 1.200× |")
+    row |= {"wall": {**wall, "floor_layouts_s": layouts}, "cpu": {"ratio": 1.1}}
+    line = grid_table.table({"command": "P", "rows": [row]}, None).splitlines()[2]
+    assert line.startswith(
+        "| 1, 2, 3 | 3.00 s | 2.00 s (V x N) | 1.400× (1.300–1.500) | 1.200× | 1.100× |"
+    )
