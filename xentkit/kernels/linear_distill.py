@@ -285,19 +285,19 @@ def _distill_op(
     early = tuple(needs) if reduction != "none" else (False, False, False)
     grads = _Gradients(problem, early)
     losses = problem.hidden.new_zeros(problem.target.shape[0], dtype=heads.acc)
-    unit = 1.0
+    per_token = 1.0  # what the reduction multiplies each token's loss by
     if reduction == "mean":
         # A mean over no counted token is 0 / 0 = NaN, as in PyTorch's cross_entropy; its
         # gradients are zero, which 1 / 0 must not turn into NaN.
-        unit = 1 / problem.count if problem.count else 0.0
-    # The mean's denominator, applied by the row pass where it can be (see above).
-    in_rows = unit != 1.0 and problem.normalised and not triton_rows
+        per_token = 1 / problem.count if problem.count else 0.0
+    # Applied by the row pass where it can be (see above), else by the backward through unit.
+    in_rows = per_token != 1.0 and problem.normalised and not triton_rows
     options = (beta, temperature, hard_weight)
-    total = _walk(heads, options, grads, losses, None, triton_rows, unit if in_rows else 1.0)
+    total = _walk(heads, options, grads, losses, None, triton_rows, per_token if in_rows else 1.0)
     loss = {"none": losses, "sum": total}.get(reduction)
     if reduction == "mean":
         loss = total / problem.count
-    unit = torch.full((), 1.0 if in_rows else unit, dtype=heads.acc, device=total.device)
+    unit = torch.full((), 1.0 if in_rows else per_token, dtype=heads.acc, device=total.device)
     return loss, unit, *grads.tensors()
 
 
