@@ -11,7 +11,9 @@ Every step uses the same inputs, and the floor writes its logits over ``g`` as x
 its gradient over its logits (one ``N x V`` buffer, not two), so that N=8192, D=4096,
 V=256000 fits a 24 GiB machine.
 Reported per shape: the median ratio over the rounds and its spread (p20-p80), of wall time
-and of the process's CPU time, with both medians in seconds.
+and of the process's CPU time, with both medians in seconds; the ratio of the fastest rounds
+(xentkit's fastest step over the floor's fastest, in either layout where both were timed), what
+a step costs when no neighbour slows it; and every round's times.
 
 ``--chunk-sizes auto,1024,...`` adds xentkit with those tokens per chunk to the same rounds
 (one row each; ``auto`` is the default choice), to measure what the chunk size trades;
@@ -189,8 +191,11 @@ def measure(
                 "ratio": median,
                 "p20": p20,
                 "p80": p80,
+                "fastest": min(times[k]) / min(times["floor"]),
                 "time_s": statistics.median(times[k]),
                 "floor_s": statistics.median(times["floor"]),
+                "times_s": times[k],
+                "floor_times_s": times["floor"],
             }
             if layouts:
                 row[clock]["floor_layouts_s"] = layouts[clock]
@@ -223,21 +228,23 @@ def markdown(data: dict, image: str) -> str:
         f"- {data['rounds']} rounds per shape after a warm-up (more where they would take "
         f"under {data.get('min_seconds', 0):g} s: the rounds column), xentkit, its peers and the "
         "floor taking turns in one process; each ratio is the median of the per-round ratios "
-        "(p20–p80 beside it); a peer's last column is xentkit's time over the peer's",
+        "(p20–p80 beside it); \"fastest\" is the fastest round's time over the floor's "
+        "fastest; a peer's last column is xentkit's time over the peer's",
         *(f"- {name}: {text}" for name, text in PARTS.items() if data.get("parts")),
         "",
-        "| case | rounds | time | floor | × floor (wall) | p20–p80 | × floor (CPU time) "
+        "| case | rounds | time | floor | × floor (wall) | p20–p80 | fastest | × floor (CPU time) "
         "| p20–p80 | xentkit ÷ this (wall) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in data["rows"]:
         wall, cpu = row["wall"], row["cpu"]
         versus = f"{wall['xentkit_ratio']:.3f}×" if "xentkit_ratio" in wall else "—"
+        fastest = f"{wall['fastest']:.3f}×" if "fastest" in wall else "—"
         layouts = ", ".join(f"{k} {t:.2f} s" for k, t in wall.get("floor_layouts_s", {}).items())
         floor = f"{wall['floor_s']:.2f} s" + (f" ({layouts})" if layouts else "")
         lines.append(
             f"| {_label(row)} | {row['rounds']} | {wall['time_s']:.2f} s | {floor} | "
-            f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | "
+            f"{wall['ratio']:.3f}× | {wall['p20']:.3f}–{wall['p80']:.3f} | {fastest} | "
             f"{cpu['ratio']:.3f}× | {cpu['p20']:.3f}–{cpu['p80']:.3f} | {versus} |"
         )
     lines += ["", f"![paired ratios]({image})"]

@@ -9,7 +9,9 @@ the commit it was measured at. Where the floor was also timed with the logits la
 (``--vocab-major-floor``), the floor is the faster layout's and its cell names that layout;
 "× N x V floor" is then xentkit's median time over the median time of the floor in xentkit's
 own layout (the floor ratio's median where only that layout was timed): a per-round minimum
-over two layouts whose products take about as long is pulled down by the noise. "× floor, CPU
+over two layouts whose products take about as long is pulled down by the noise. "× floor,
+fastest" is xentkit's fastest round over the floor's fastest in either layout (a step's cost
+when no neighbour slows it; runs before the rounds' times were kept read ``—``). "× floor, CPU
 time" is the median per-round ratio of the process's CPU time (both cores' busy time, which
 leaves out the time the process waited, not running) over the faster floor's.
 
@@ -81,7 +83,7 @@ def table(
         >>> paired = {"command": "P", "machine": {"commit": "abc1234", "date": "2026-12-03"},
         ...     "rows": [{"n": 1, "d": 2, "v": 3, "provider": "xentkit",
         ...     "chunk_size": "auto", "wall": {"ratio": 1.02, "p20": 1.01, "p80": 1.03,
-        ...     "time_s": 1.02, "floor_s": 1.0}, "cpu": {"ratio": 1.01}}]}
+        ...     "fastest": 1.015, "time_s": 1.02, "floor_s": 1.0}, "cpu": {"ratio": 1.01}}]}
         >>> grid = {"command": "G", "rows": [
         ...     {"n": 1, "d": 2, "v": 3, "provider": "xentkit", "status": "ok",
         ...      "median": 1000.0, "peak_mib": 10.0},
@@ -89,11 +91,11 @@ def table(
         >>> peers = {"command": "Q", "rows": [{"n": 1, "d": 2, "v": 3, "provider": "cce",
         ...     "wall": {"xentkit_ratio": 0.9}}]}
         >>> print(table(paired, grid, peers))  # doctest: +NORMALIZE_WHITESPACE
-        | N, D, V | xentkit | floor | × floor (p20–p80) | × N x V floor | × floor, CPU time
-          | xentkit ÷ torch eager | xentkit ÷ torch.compile | xentkit ÷ CCE
+        | N, D, V | xentkit | floor | × floor (p20–p80) | × N x V floor | × floor, fastest
+          | × floor, CPU time | xentkit ÷ torch eager | xentkit ÷ torch.compile | xentkit ÷ CCE
           | extra MiB: xentkit / torch eager / torch.compile / CCE | code |
-        |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|
-        | 1, 2, 3 | 1.02 s | 1.00 s | 1.020× (1.010–1.030) | 1.020× | 1.010× | OOM | —
+        |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|
+        | 1, 2, 3 | 1.02 s | 1.00 s | 1.020× (1.010–1.030) | 1.020× | 1.015× | 1.010× | OOM | —
           | 0.900׆ | 10 / OOM / — / — | abc1234 |
         <BLANKLINE>
         × floor: `P`; the peers and memory: `G`; † in alternation (and × floor where measured
@@ -117,16 +119,17 @@ def table(
         grid_rows.setdefault(_shape(row), {})[row["provider"]] = row
     names = " / ".join(["xentkit", *(PEER_NAMES[p] for p in PEERS)])
     lines = [
-        "| N, D, V | xentkit | floor | × floor (p20–p80) | × N x V floor | × floor, CPU time | "
+        "| N, D, V | xentkit | floor | × floor (p20–p80) | × N x V floor | × floor, fastest "
+        "| × floor, CPU time | "
         + " | ".join(f"xentkit ÷ {PEER_NAMES[p]}" for p in PEERS)
         + f" | extra MiB: {names} | code |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(PEERS) + 1) + "---|",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(PEERS) + 1) + "---|",
     ]
     for shape in sorted(floor_rows.keys() | grid_rows.keys() | {s for s, _ in alternating}):
         floor_row, machine = floor_rows.get(shape, (None, {}))
         cells = [", ".join(map(str, shape))]
         if floor_row is None:
-            cells += ["—"] * 5
+            cells += ["—"] * 6
         else:
             wall, cpu = floor_row["wall"], floor_row.get("cpu")
             row_major = wall.get("floor_layouts_s", {}).get("N x V", wall["floor_s"])
@@ -135,6 +138,7 @@ def table(
                 _floor(wall),
                 f"{wall['ratio']:.3f}× ({wall['p20']:.3f}–{wall['p80']:.3f})",
                 f"{wall['time_s'] / row_major:.3f}×",
+                f"{wall['fastest']:.3f}×" if "fastest" in wall else "—",
                 "—" if cpu is None else f"{cpu['ratio']:.3f}×",
             ]
         rows = grid_rows.get(shape, {})

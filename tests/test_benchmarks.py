@@ -339,7 +339,11 @@ def test_paired_quick_run(tmp_path, monkeypatch):
     ]
     for row in data["rows"]:
         for clock in ("wall", "cpu"):
-            assert row[clock]["p20"] <= row[clock]["ratio"] <= row[clock]["p80"]
+            times = row[clock]
+            assert times["p20"] <= times["ratio"] <= times["p80"]
+            assert len(times["times_s"]) == len(times["floor_times_s"]) == row["rounds"]
+            fastest = min(times["times_s"]) / min(times["floor_times_s"])
+            assert times["fastest"] == pytest.approx(fastest)
     assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "paired.md").read_text()
     assert "× floor (wall)" in text and "| N=37 D=24 V=1000 xentkit chunk=16 |" in text
@@ -422,9 +426,11 @@ def test_grid_table_reads_both_runs(tmp_path, capsys):
     (tmp_path / "linear_grid.json").write_text(json.dumps({"command": "G", "rows": grid_rows}))
     assert grid_table.main(["--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| 2, 2, 8 | — | — | — | — | — | 0.250× | — | 0.500× | 1 / 9 / — / 3 | — |"
+    assert lines[2] == (
+        "| 2, 2, 8 | — | — | — | — | — | — | 0.250× | — | 0.500× | 1 / 9 / — / 3 | — |"
+    )
     assert lines[3] == (
-        "| 4, 2, 8 | 3.00 s | 2.00 s | 1.500× (1.400–1.600) | 1.500× | — | — | — | — "
+        "| 4, 2, 8 | 3.00 s | 2.00 s | 1.500× (1.400–1.600) | 1.500× | — | — | — | — | — "
         "| — / — / — / — | — |"
     )
     assert lines[-1] == "× floor: `P`; the peers and memory: `G`"
@@ -450,19 +456,19 @@ def test_grid_table_takes_the_latest_floor_ratio():
     ):
         row = grid_table.table(paired, None, peers).splitlines()[2]
         assert row.startswith(
-            "| 1, 2, 3 | 1.10 s | 1.00 s | 1.100× (1.100–1.100) | 1.100× |"
+            "| 1, 2, 3 | 1.10 s | 1.00 s | 1.100× (1.100–1.100) | 1.100× | — |"
         ) and row.endswith(" | bbbbbbb |")
 
 
-def test_grid_table_gives_the_ratio_over_the_row_major_floor_and_in_cpu_time():
+def test_grid_table_gives_the_ratio_over_the_row_major_floor_fastest_and_in_cpu_time():
     """Where both layouts of the floor were timed, "× N x V floor" is xentkit's median time over
-    the N x V floor's, beside the per-round ratio over the faster layout; then the per-round
-    ratio of CPU times."""
+    the N x V floor's, beside the per-round ratio over the faster layout; then the ratio of the
+    fastest rounds and the per-round ratio of CPU times."""
     layouts = {"N x V": 2.5, "V x N": 2.0}
-    wall = {"ratio": 1.4, "p20": 1.3, "p80": 1.5, "time_s": 3.0, "floor_s": 2.0}
+    wall = {"ratio": 1.4, "p20": 1.3, "p80": 1.5, "time_s": 3.0, "floor_s": 2.0, "fastest": 1.25}
     row = {"n": 1, "d": 2, "v": 3, "provider": "xentkit", "chunk_size": "auto"}
     row |= {"wall": {**wall, "floor_layouts_s": layouts}, "cpu": {"ratio": 1.1}}
     line = grid_table.table({"command": "P", "rows": [row]}, None).splitlines()[2]
     assert line.startswith(
-        "| 1, 2, 3 | 3.00 s | 2.00 s (V x N) | 1.400× (1.300–1.500) | 1.200× | 1.100× |"
+        "| 1, 2, 3 | 3.00 s | 2.00 s (V x N) | 1.400× (1.300–1.500) | 1.200× | 1.250× | 1.100× |"
     )
