@@ -17,7 +17,8 @@ leaves out the time the process waited, not running) over the faster floor's.
 
 A cloud VM can be another host from one session to the next: ``--l3 MIB`` keeps only the rows
 measured on a CPU whose L3 cache (as :func:`benchmarks.machine.cache_kib` recorded it) has that
-size, so one table never mixes hosts.
+size, so one table never mixes hosts' times. The extra memory is each provider's latest
+measurement on any host: a peak of allocated memory does not depend on the host's speed.
 
 ``python -m benchmarks.grid_table [--out DIR]`` prints the markdown; nothing is measured. A
 shape one run did not measure reads ``—``; a provider that ran out of memory ``OOM``.
@@ -117,6 +118,9 @@ def table(
     grid_rows: dict[tuple[int, int, int], dict[str, dict]] = {}
     for row, _ in _rows(grid, l3_mib):
         grid_rows.setdefault(_shape(row), {})[row["provider"]] = row
+    memory_rows: dict[tuple[int, int, int], dict[str, dict]] = {}
+    for row, _ in _rows(grid, None):
+        memory_rows.setdefault(_shape(row), {})[row["provider"]] = row
     names = " / ".join(["xentkit", *(PEER_NAMES[p] for p in PEERS)])
     lines = [
         "| N, D, V | xentkit | floor | × floor (p20–p80) | × N x V floor | × floor, fastest "
@@ -155,7 +159,7 @@ def table(
                 cells.append(f"{ours['median'] / row['median']:.3f}×")
         memory = []
         for provider in ("xentkit", *PEERS):
-            row = rows.get(provider)
+            row = memory_rows.get(shape, {}).get(provider)
             ok = row is not None and row["status"] == "ok"
             memory.append(f"{row['peak_mib']:.0f}" if ok else row["status"] if row else "—")
         cells.append(" / ".join(memory))

@@ -472,3 +472,23 @@ def test_grid_table_gives_the_ratio_over_the_row_major_floor_fastest_and_in_cpu_
     assert line.startswith(
         "| 1, 2, 3 | 3.00 s | 2.00 s (V x N) | 1.400× (1.300–1.500) | 1.200× | 1.250× | 1.100× |"
     )
+
+
+def test_grid_table_keeps_one_hosts_times_and_any_hosts_memory():
+    """``--l3``: the floor and peer times only from the host with that L3; the extra memory,
+    which does not depend on the host's speed, from any host."""
+    here, there = {"cache_kib": {"L3": 105 * 1024}}, {"cache_kib": {"L3": 504 * 1024}}
+    wall = {"ratio": 1.02, "p20": 1.01, "p80": 1.03, "time_s": 1.02, "floor_s": 1.0}
+    row = {"n": 1, "d": 2, "v": 3, "provider": "xentkit", "chunk_size": "auto", "wall": wall}
+    paired = {"command": "P", "machine": here, "rows": [row, {**row, "n": 4, "machine": there}]}
+
+    def grid(provider: str, n: int, ms: float, mib: float, machine: dict) -> dict:
+        return {"n": n, "d": 2, "v": 3, "provider": provider, "status": "ok", "median": ms,
+                "peak_mib": mib, "machine": machine}  # fmt: skip
+
+    rows = [grid("xentkit", 1, 100.0, 5.0, here), grid("torch", 1, 400.0, 20.0, there)]
+    rows.append(grid("xentkit", 4, 100.0, 6.0, there))
+    lines = grid_table.table(paired, {"command": "G", "rows": rows}, l3_mib=105).splitlines()
+    assert len(lines) == 5  # header, rule, the one shape this host timed, blank, commands
+    assert lines[2].startswith("| 1, 2, 3 | 1.02 s |")
+    assert lines[2].endswith("| — | — | — | 5 / 20 / — / — | — |")  # torch's time: not here
