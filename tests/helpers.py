@@ -126,3 +126,7 @@ class RecordOps(TorchDispatchMode):
         shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
         self.ops.append((str(func.overloadpacket), shape))
         return func(*args, **(kwargs or {}))
+
+    def multiplied(self, shape: tuple[int, ...]) -> bool:
+        """Whether a recorded multiplication's first argument had ``shape``."""
+        return any(op.startswith("aten.mul") and seen == shape for op, seen in self.ops)

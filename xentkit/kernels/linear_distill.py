@@ -294,9 +294,7 @@ def _distill_op(
     in_rows = per_token != 1.0 and problem.normalised and not triton_rows
     options = (beta, temperature, hard_weight)
     total = _walk(heads, options, grads, losses, None, triton_rows, per_token if in_rows else 1.0)
-    loss = {"none": losses, "sum": total}.get(reduction)
-    if reduction == "mean":
-        loss = total / problem.count
+    loss = {"none": losses, "sum": total, "mean": total / problem.count}[reduction]
     unit = torch.full((), 1.0 if in_rows else per_token, dtype=heads.acc, device=total.device)
     return loss, unit, *grads.tensors()
 
